@@ -1,0 +1,301 @@
+"""The `tinyserve-backup` command line.
+
+Every failure a user can cause or meet ends as one line on stderr that names the problem and the
+fix, and a non-zero exit code; tracebacks go to the log file only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import structlog
+
+from . import __version__
+from .config import Config, edit_config, load_config, resolve_config_path
+from .errors import BackupError, ConfigError, CredentialsError, UsageError
+from .logs import setup_logging
+
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Ctx:
+    config_path: Path
+    verbose: bool
+    _cfg: Config | None = None
+
+    def config(self, *, missing_ok: bool = False) -> Config:
+        if self._cfg is None:
+            self._cfg = load_config(self.config_path, missing_ok=missing_ok)
+            setup_logging(
+                file=self._cfg.logging.file,
+                level=self._cfg.logging.level,
+                max_bytes=self._cfg.logging.max_bytes,
+                backups=self._cfg.logging.backups,
+                console_level="debug" if self.verbose else "warning",
+            )
+        return self._cfg
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(fn())  # type: ignore[arg-type]
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Config file (default: $TINYSERVE_BACKUP_CONFIG, then ~/.config/tinyserve-backup/config.yaml).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Show debug logs on stderr.")
+@click.version_option(__version__, prog_name="tinyserve-backup")
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, verbose: bool) -> None:
+    """Backups of a tinyserve installation to S3-compatible storage."""
+    ctx.obj = Ctx(config_path=resolve_config_path(config_file), verbose=verbose)
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command("config")
+@click.option("--bucket", help="S3 bucket name.")
+@click.option("--prefix", help="Key prefix inside the bucket (may contain {hostname}).")
+@click.option("--endpoint", help="S3 endpoint URL (omit for AWS).")
+@click.option("--region", help="Region, e.g. us-east-1 (R2: auto).")
+@click.option("--access-key", help="Access key id.")
+@click.option("--secret-key", help="Secret key (prefer the prompt or --secret-key-stdin).")
+@click.option("--secret-key-stdin", is_flag=True, help="Read the secret key from standard input.")
+@click.option("--profile", help="Use this AWS profile instead of stored keys.")
+@click.option("--path-style", is_flag=True, default=None, help="Use path-style addressing (MinIO).")
+@click.option("--local", "local_dir", type=click.Path(file_okay=False), help="Back up to a local folder.")
+@click.option("--root", type=click.Path(file_okay=False), help="The tinyserve root to protect.")
+@click.option("--no-check", is_flag=True, help="Do not test access to the destination.")
+@click.option("--show", is_flag=True, help="Print the effective config and exit.")
+@click.pass_obj
+def config_cmd(
+    obj: Ctx,
+    bucket: str | None,
+    prefix: str | None,
+    endpoint: str | None,
+    region: str | None,
+    access_key: str | None,
+    secret_key: str | None,
+    secret_key_stdin: bool,
+    profile: str | None,
+    path_style: bool | None,
+    local_dir: str | None,
+    root: str | None,
+    no_check: bool,
+    show: bool,
+) -> None:
+    """Write or update the config file and store credentials."""
+    path = obj.config_path
+    if show:
+        cfg = obj.config()
+        data = cfg.model_dump(mode="json")
+        data["config_file"] = str(path)
+        echo_json(data)
+        return
+    if bucket and local_dir:
+        raise UsageError("--bucket and --local name two different destinations", "choose one")
+    if secret_key_stdin:
+        secret_key = sys.stdin.readline().strip()
+        if not secret_key:
+            raise CredentialsError("no secret key on standard input", "pipe the secret key in")
+    if access_key and not secret_key:
+        if not sys.stdin.isatty():
+            raise CredentialsError(
+                "--access-key needs a secret key", "pass --secret-key-stdin and pipe the secret in"
+            )
+        secret_key = click.prompt("Secret key", hide_input=True)
+    if secret_key and not access_key:
+        raise UsageError("a secret key needs its --access-key", "pass --access-key too")
+
+    updates: dict[str, Any] = {}
+    if bucket:
+        existing = _existing_prefix(path) if prefix is None else None
+        pfx = prefix if prefix is not None else (existing or "tinyserve-backups")
+        updates["destination.url"] = f"s3://{bucket}/{pfx.strip('/')}".rstrip("/")
+    elif prefix is not None:
+        raise UsageError("--prefix needs --bucket", "pass --bucket too")
+    if local_dir:
+        updates["destination.url"] = f"file://{Path(local_dir).expanduser().resolve()}"
+    if endpoint is not None:
+        updates["destination.endpoint"] = endpoint or None
+    if region is not None:
+        updates["destination.region"] = region or None
+    if profile is not None:
+        updates["destination.profile"] = profile or None
+    if path_style:
+        updates["destination.addressing_style"] = "path"
+    if root:
+        updates["root"] = str(Path(root).expanduser())
+    cfg = edit_config(path, updates)
+    setup_logging(file=cfg.logging.file, level=cfg.logging.level, console_level="warning")
+    if access_key and secret_key:
+        from .keychain import store_secret
+        from .logs import register_secret
+
+        register_secret(secret_key)
+        where = store_secret(access_key, secret_key)
+        click.echo(f"Credentials stored in {where}.")
+    click.echo(f"Config written to {path}.")
+    if not no_check:
+        run_async(lambda: _check_access(cfg))
+        click.echo(f"Destination {cfg.destination.url} is reachable.")
+
+
+def _existing_prefix(path: Path) -> str | None:
+    try:
+        cfg = load_config(path)
+    except ConfigError:
+        return None
+    return cfg.destination.url[5:].split("/", 1)[1] if cfg.destination.scheme == "s3" and "/" in cfg.destination.url[5:] else None
+
+
+async def _check_access(cfg: Config) -> None:
+    from .storage import storage_from_config
+
+    async with storage_from_config(cfg) as st:
+        try:
+            await asyncio.wait_for(st.check_access(), timeout=60)
+        except TimeoutError:
+            from .errors import EndpointUnreachableError
+
+            raise EndpointUnreachableError("the storage endpoint did not answer within 60 s") from None
+
+
+# --------------------------------------------------------------------------------------------
+# list
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command("list")
+@click.option("--type", "btype", type=click.Choice(["partial", "full", "services"]), help="Only this type.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_obj
+def list_cmd(obj: Ctx, btype: str | None, as_json: bool) -> None:
+    """List complete backups, oldest first."""
+    cfg = obj.config()
+    from .manifest import list_backups
+    from .storage import storage_from_config
+
+    async def go() -> list[Any]:
+        async with storage_from_config(cfg) as st:
+            return await list_backups(st, btype)
+
+    refs = run_async(go)
+    rows = [r.summary() for r in refs]
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"No backups in {cfg.destination.url}.")
+        return
+    click.echo(f"{'TYPE':<9} {'TIMESTAMP':<21} {'SIZE':>10} {'OBJECTS':>7}  NOTE")
+    for r in rows:
+        note = []
+        if r["guide"]:
+            note.append("guide-made (unverified)")
+        if r["encrypted"]:
+            note.append("encrypted")
+        if r["warnings"]:
+            note.append(f"{r['warnings']} warnings")
+        click.echo(
+            f"{r['type']:<9} {r['timestamp']:<21} {human_size(r['size_bytes']):>10} {r['objects']:>7}  "
+            + ", ".join(note)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# logs
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command("logs")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON lines.")
+@click.option("--level", type=click.Choice(["debug", "info", "warning", "error"]), default="debug")
+@click.option("--event", help="Only events matching this glob, e.g. 'wal_*'.")
+@click.option("-n", "--lines", default=50, show_default=True, help="How many past lines to show.")
+@click.pass_obj
+def logs_cmd(obj: Ctx, follow: bool, as_json: bool, level: str, event: str | None, lines: int) -> None:
+    """Show the daemon's structured log."""
+    from .logs import read_log_lines
+
+    cfg = obj.config(missing_ok=True)
+    path = cfg.logging.file
+    if not path.exists() and not follow:
+        click.echo(f"No log yet at {path}.", err=True)
+        return
+    try:
+        for line in read_log_lines(path, follow=follow, level=level, event=event, raw_json=as_json, tail=lines):
+            click.echo(line)
+    except KeyboardInterrupt:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = cli.main(args=argv, prog_name="tinyserve-backup", standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except BackupError as exc:
+        click.echo(f"error: {exc.one_line()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: never a traceback on the terminal
+        try:
+            log.exception("internal_error", error_type=type(exc).__name__)
+        except Exception:
+            pass
+        click.echo(
+            f"error: internal error ({type(exc).__name__}) — this is a bug; details are in the log "
+            f"file, please report it",
+            err=True,
+        )
+        sys.exit(70)
+    sys.exit(0)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
