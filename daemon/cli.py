@@ -41,9 +41,16 @@ class Ctx:
                 level=self._cfg.logging.level,
                 max_bytes=self._cfg.logging.max_bytes,
                 backups=self._cfg.logging.backups,
-                console_level="debug" if self.verbose else "warning",
+                console_level=console_level(self.verbose),
             )
         return self._cfg
+
+
+def console_level(verbose: bool) -> str | None:
+    """Readable warnings on a terminal; nothing extra when piped (the log file has it all)."""
+    if verbose:
+        return "debug"
+    return "warning" if sys.stderr.isatty() else None
 
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
@@ -97,6 +104,7 @@ def cli(ctx: click.Context, config_file: str | None, verbose: bool) -> None:
 @click.option("--root", type=click.Path(file_okay=False), help="The tinyserve root to protect.")
 @click.option("--no-check", is_flag=True, help="Do not test access to the destination.")
 @click.option("--show", is_flag=True, help="Print the effective config and exit.")
+@click.option("--init", is_flag=True, help="Create the config from the example if none exists.")
 @click.pass_obj
 def config_cmd(
     obj: Ctx,
@@ -113,9 +121,20 @@ def config_cmd(
     root: str | None,
     no_check: bool,
     show: bool,
+    init: bool,
 ) -> None:
     """Write or update the config file and store credentials."""
     path = obj.config_path
+    if init:
+        from .config import example_config_text, write_private
+
+        if path.exists():
+            load_config(path)  # fail early and clearly if it is broken
+            click.echo(f"Using config {path}.")
+        else:
+            write_private(path, example_config_text())
+            click.echo(f"Created config {path} from the example; edit it to set your destination.")
+        return
     if show:
         cfg = obj.config()
         data = cfg.model_dump(mode="json")
@@ -157,7 +176,7 @@ def config_cmd(
     if root:
         updates["root"] = str(Path(root).expanduser())
     cfg = edit_config(path, updates)
-    setup_logging(file=cfg.logging.file, level=cfg.logging.level, console_level="warning")
+    setup_logging(file=cfg.logging.file, level=cfg.logging.level, console_level=console_level(obj.verbose))
     if access_key and secret_key:
         from .keychain import store_secret
         from .logs import register_secret

@@ -402,9 +402,7 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
 
 
 def example_config_text() -> str:
-    from importlib.resources import files
-
-    return (files("daemon.config_examples") / "tinyserve-backup.yaml").read_text(encoding="utf-8")
+    return paths.resource("config", "tinyserve-backup.yaml").read_text(encoding="utf-8")
 
 
 def _yaml_rt() -> Any:

@@ -59,3 +59,21 @@ def default_local_destination() -> Path:
 def root_key(root: Path) -> str:
     """A short stable name for a root, so per-root files (lock, status) never collide."""
     return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+
+
+def resource(kind: str, name: str) -> Path:
+    """A file shipped with the program: ``kind`` is "launchd" or "config".
+
+    In a wheel they live in ``daemon.launchd`` / ``daemon.config_examples``; in a source checkout
+    (or an editable install imported from it) they are the repository's own launchd/ and config/.
+    """
+    from importlib.resources import files
+
+    package = {"launchd": "daemon.launchd", "config": "daemon.config_examples"}[kind]
+    try:
+        candidate = Path(str(files(package) / name))
+        if candidate.is_file():
+            return candidate
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / kind / name

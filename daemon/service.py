@@ -1,0 +1,105 @@
+"""Stopping and starting tinyserved around a restore, and asking tinyserve about itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+
+import structlog
+
+from .errors import ServiceControlError
+
+log = structlog.get_logger(__name__)
+
+
+async def run_command(
+    argv: list[str] | str, *, timeout: float, what: str, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run a configured command (argv list, or a string for `sh -c`); returns (code, output tail)."""
+    if isinstance(argv, str):
+        cmd = ["/bin/sh", "-c", argv]
+    else:
+        cmd = list(argv)
+    if not cmd:
+        return 0, ""
+    if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
+        raise ServiceControlError(f"{what}: command {cmd[0]!r} not found", f"install it or fix the {what} command")
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ServiceControlError(f"{what} did not finish within {timeout:.0f} s") from None
+    except asyncio.CancelledError:
+        proc.kill()
+        await proc.wait()
+        raise
+    text = out.decode(errors="replace").strip()
+    return proc.returncode or 0, text[-2000:]
+
+
+class Tinyserved:
+    """tinyserved as the config describes it (argv lists; empty means nothing to do)."""
+
+    def __init__(self, stop: list[str], start: list[str], status: list[str], timeout: float = 60) -> None:
+        self.stop_cmd = stop
+        self.start_cmd = start
+        self.status_cmd = status
+        self.timeout = timeout
+
+    @classmethod
+    def from_config(cls, cfg: object) -> Tinyserved:
+        t = cfg.tinyserved  # type: ignore[attr-defined]
+        return cls(t.stop, t.start, t.status, t.timeout_seconds)
+
+    async def stop(self) -> None:
+        if not self.stop_cmd:
+            log.info("tinyserved_stop_skipped", reason="no stop command configured")
+            return
+        code, out = await run_command(self.stop_cmd, timeout=self.timeout, what="tinyserved.stop")
+        # launchctl bootout of a service that is not loaded fails; that is the state we want.
+        if code != 0:
+            log.warning("tinyserved_stop_nonzero", code=code, output=out[-300:])
+        else:
+            log.info("tinyserved_stopped")
+
+    async def start(self) -> None:
+        if not self.start_cmd:
+            log.info("tinyserved_start_skipped", reason="no start command configured")
+            return
+        code, out = await run_command(self.start_cmd, timeout=self.timeout, what="tinyserved.start")
+        if code != 0:
+            raise ServiceControlError(
+                f"tinyserved.start exited with {code}: {out[-200:]}",
+                "start tinyserved by hand and check `tinyserved.start` in the config",
+            )
+        log.info("tinyserved_started")
+
+    async def status(self) -> tuple[bool, str]:
+        """Run `tinyserve status` when it exists; (ok, output)."""
+        if not self.status_cmd or shutil.which(self.status_cmd[0]) is None:
+            return True, "tinyserve CLI not found; status not checked"
+        try:
+            code, out = await run_command(self.status_cmd, timeout=self.timeout, what="tinyserve status")
+        except ServiceControlError as exc:
+            return False, exc.message
+        return code == 0, out
+
+
+async def tinyserve_version() -> str:
+    if shutil.which("tinyserve") is None:
+        return "unknown"
+    try:
+        code, out = await run_command(["tinyserve", "version"], timeout=10, what="tinyserve version")
+    except ServiceControlError:
+        return "unknown"
+    return out.splitlines()[0][:100] if code == 0 and out else "unknown"
