@@ -253,6 +253,137 @@ def list_cmd(obj: Ctx, btype: str | None, as_json: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# create / prune
+# --------------------------------------------------------------------------------------------
+
+
+class RichProgress:
+    """Bytes, rate and ETA per artifact on a terminal."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._p = Progress(
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._task: Any = None
+        self._p.start()
+
+    def start(self, name: str, total: int | None) -> None:
+        self._task = self._p.add_task(name, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._task is not None:
+            self._p.advance(self._task, n)
+
+    def finish(self) -> None:
+        if self._task is not None:
+            task = self._p.tasks[self._task] if isinstance(self._task, int) else None
+            if task is not None and task.total is not None:
+                self._p.update(self._task, total=task.completed)
+            self._task = None
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def make_progress(as_json: bool) -> Any:
+    from .backup import LogProgress
+
+    if not as_json and sys.stderr.isatty():
+        return RichProgress()
+    return LogProgress()
+
+
+@cli.command("create")
+@click.option("--partial", "btype", flag_value="partial", default=True, help="State + configs (default).")
+@click.option("--full", "btype", flag_value="full", help="Partial + service data + Docker images.")
+@click.option("--services", "btype", flag_value="services", help="One archive per service.")
+@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def create_cmd(obj: Ctx, btype: str, names: tuple[str, ...], as_json: bool) -> None:
+    """Create a backup now. With --services, NAME... limits it to those services."""
+    cfg = obj.config()
+    if names and btype != "services":
+        raise UsageError("service names are only accepted with --services", "add --services")
+    from .backup import BackupJob
+    from .crypto import encryptor_from_config
+    from .lock import root_lock
+    from .storage import storage_from_config
+
+    progress = make_progress(as_json)
+
+    async def go() -> Any:
+        async with storage_from_config(cfg) as st, root_lock(
+            cfg.root, f"create --{btype}", wait=cfg.schedule.lock_wait_seconds
+        ):
+            job = BackupJob(cfg, st, progress=progress, encryptor=encryptor_from_config(cfg))
+            return await job.run(btype, list(names) or None)
+
+    try:
+        result = run_async(go)
+    finally:
+        if hasattr(progress, "close"):
+            progress.close()
+    if as_json:
+        echo_json(result.to_json())
+        return
+    click.echo(
+        f"{btype} backup {result.timestamp} complete: {human_size(result.manifest.size_bytes)} in "
+        f"{len(result.manifest.objects)} objects, {result.duration_s:.1f} s."
+    )
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+@cli.command("prune")
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def prune_cmd(obj: Ctx, dry_run: bool, as_json: bool) -> None:
+    """Apply retention: delete old backups, leftovers of failed ones, stale uploads."""
+    cfg = obj.config()
+    from .lock import root_lock
+    from .retention import prune
+    from .storage import storage_from_config
+
+    async def go() -> Any:
+        async with storage_from_config(cfg) as st, root_lock(
+            cfg.root, "prune", wait=cfg.schedule.lock_wait_seconds
+        ):
+            return await prune(cfg, st, dry_run=dry_run)
+
+    report = run_async(go)
+    if as_json:
+        echo_json(report.to_json())
+        return
+    verb = "Would delete" if dry_run else "Deleted"
+    for name in report.deleted:
+        click.echo(f"{verb} {name}")
+    for name in report.incomplete_deleted:
+        click.echo(f"{verb} incomplete {name}")
+    for key in report.uploads_aborted:
+        click.echo(f"{'Would abort' if dry_run else 'Aborted'} unfinished upload {key}")
+    click.echo(
+        f"{verb} {len(report.deleted)} backups, {len(report.incomplete_deleted)} incomplete; "
+        f"kept {len(report.kept)}."
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # logs
 # --------------------------------------------------------------------------------------------
 

@@ -189,7 +189,8 @@ class Hooks(_Model):
 
 class Compression(_Model):
     level: int = Field(default=3, ge=1, le=19)
-    threads: int = Field(default=0, ge=0)
+    # zstd worker threads: -1 uses every core (like `zstd -T0`), 0 compresses in the calling thread.
+    threads: int = Field(default=-1, ge=-1)
 
 
 class Encryption(_Model):
