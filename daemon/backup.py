@@ -26,7 +26,8 @@ from .config import Config
 from .errors import BackupError, UsageError
 from .manifest import Manifest, ObjectEntry, format_ts
 from .service import run_command, tinyserve_version
-from .snapshot import compressed_file_stream, snapshot_database
+from .snapshot import snapshot_database
+from .streams import compress_stream, compressed_file_stream
 from .storage import Storage
 
 log = structlog.get_logger(__name__)
@@ -203,17 +204,8 @@ class BackupJob:
             if images:
                 imgs = list(images)
 
-                async def image_stream() -> AsyncIterator[bytes]:
-                    import zstandard
-
-                    cobj = zstandard.ZstdCompressor(level=level, threads=threads).compressobj()
-                    async for chunk in save_images(imgs):
-                        out = await asyncio.to_thread(cobj.compress, chunk)
-                        if out:
-                            yield out
-                    tail = cobj.flush()
-                    if tail:
-                        yield tail
+                def image_stream() -> AsyncIterator[bytes]:
+                    return compress_stream(save_images(imgs), level, threads)
 
                 arts.append(Artifact("images.tar.zst", "images", imgs, "zstd", image_stream))
         for a in arts:
@@ -324,13 +316,14 @@ class BackupJob:
                     if a.kind == "sqlite":
                         a.estimate = size
             for art in arts:
-                if art.service:
-                    await self._hook(art.service, "pre")
                 try:
+                    if art.service:
+                        await self._hook(art.service, "pre")
                     entry = await self._upload(prefix, art)
                 finally:
                     if art.service:
-                        # post runs even when the archive failed (e.g. restart a stopped database)
+                        # post runs even when pre or the archive failed (e.g. restart a stopped
+                        # database container)
                         try:
                             await self._hook(art.service, "post")
                         except BackupError as exc:

@@ -384,6 +384,140 @@ def prune_cmd(obj: Ctx, dry_run: bool, as_json: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# restore / verify
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command("restore")
+@click.argument("timestamp", required=False)
+@click.option("--full", "btype", flag_value="full", help="Restore the full backup with this timestamp.")
+@click.option("--partial", "btype", flag_value="partial", help="Restore the partial backup.")
+@click.option("--services", "btype", flag_value="services", help="Restore the services backup.")
+@click.option("--service", "services", multiple=True, help="Restore only this service's data (repeatable).")
+@click.option("--at", "at", help="Point-in-time restore of state.db to this RFC 3339 time.")
+@click.option("--latest", is_flag=True, help="Point-in-time restore of state.db to the newest commit.")
+@click.option("--output", type=click.Path(dir_okay=False), help="With --at/--latest: write the database here.")
+@click.option("--yes", is_flag=True, help="Do not ask; required without a terminal.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def restore_cmd(
+    obj: Ctx,
+    timestamp: str | None,
+    btype: str | None,
+    services: tuple[str, ...],
+    at: str | None,
+    latest: bool,
+    output: str | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Restore backup TIMESTAMP (see `list`), or state.db to a point in time (--at/--latest)."""
+    cfg = obj.config()
+    if at or latest:
+        if timestamp or btype or services:
+            raise UsageError("--at/--latest restore state.db from the WAL; they take no TIMESTAMP or type")
+        from .pitr_cli import restore_pitr
+
+        restore_pitr(obj, cfg, at=at, latest=latest, output=output, yes=yes, as_json=as_json)
+        return
+    if not timestamp:
+        raise UsageError("which backup?", "pass a TIMESTAMP from `tinyserve-backup list`, or --at/--latest")
+    if output:
+        raise UsageError("--output only goes with --at/--latest")
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    if not yes and not interactive:
+        raise UsageError("restore replaces live data and needs confirmation", "run it in a terminal or add --yes")
+    from .crypto import decryptor_from_config
+    from .lock import root_lock
+    from .restore import RestoreJob, RestorePlan
+    from .storage import storage_from_config
+
+    async def confirm(plan: RestorePlan) -> bool:
+        if yes:
+            return True
+        click.echo(f"Verified. This will stop tinyserved and {plan.describe()} in {cfg.root}.", err=True)
+        click.echo("The replaced files are kept as *.pre-restore.", err=True)
+        return await asyncio.to_thread(click.confirm, "Continue?", default=False, err=True)
+
+    progress = make_progress(as_json)
+
+    async def go() -> Any:
+        async with storage_from_config(cfg) as st, root_lock(
+            cfg.root, f"restore {timestamp}", wait=cfg.schedule.lock_wait_seconds
+        ):
+            job = RestoreJob(
+                cfg, st, decryptor=decryptor_from_config(cfg), progress=progress, confirm=confirm
+            )
+            return await job.run(timestamp, btype, list(services) or None)
+
+    try:
+        result = run_async(go)
+    finally:
+        if hasattr(progress, "close"):
+            progress.close()
+    if as_json:
+        echo_json(result.to_json())
+        return
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"Restored {', '.join(result.restored)} from {result.type} backup {result.timestamp}.")
+    if result.images_loaded:
+        click.echo(f"Loaded images: {', '.join(result.images_loaded)}")
+    if result.kept_aside:
+        click.echo(f"Previous state kept as: {', '.join(result.kept_aside)}")
+    click.echo(f"Database integrity: {result.integrity}")
+
+
+@cli.command("verify")
+@click.argument("timestamp", required=False)
+@click.option("--all", "all_", is_flag=True, help="Verify every complete backup.")
+@click.option("--type", "btype", type=click.Choice(["partial", "full", "services"]))
+@click.option("--deep", is_flag=True, help="Also restore into a temporary directory and compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def verify_cmd(obj: Ctx, timestamp: str | None, all_: bool, btype: str | None, deep: bool, as_json: bool) -> None:
+    """Download and check backups against their manifests (default: the newest one)."""
+    cfg = obj.config()
+    from .crypto import decryptor_from_config
+    from .manifest import find_backup, list_backups
+    from .storage import storage_from_config
+    from .verify import raise_if_damaged, verify_backup
+
+    async def go() -> list[Any]:
+        async with storage_from_config(cfg) as st:
+            if timestamp:
+                refs = [await find_backup(st, timestamp, btype)]
+            else:
+                refs = await list_backups(st, btype)
+                if not all_:
+                    refs = refs[-1:]
+            if not refs:
+                from .errors import BackupNotFoundError
+
+                raise BackupNotFoundError("there are no backups to verify", "create one with `tinyserve-backup create`")
+            dec = decryptor_from_config(cfg)
+            return [await verify_backup(st, r, decryptor=dec, deep=deep, live_root=cfg.root) for r in refs]
+
+    checks = run_async(go)
+    if as_json:
+        echo_json([c.to_json() for c in checks])
+    else:
+        for c in checks:
+            click.echo(f"{c.type} {c.timestamp}: {'OK' if c.ok else 'DAMAGED'}")
+            for o in c.objects:
+                mark = "ok " if o.ok else "BAD"
+                note = "" if o.verified else " (unverified: no checksum in a guide-made manifest)"
+                click.echo(f"  [{mark}] {o.name}: {o.detail}{note}")
+            if c.deep:
+                d = c.deep
+                click.echo(
+                    f"  deep: {d['restored_entries']} entries restored; vs live root: {d['differ']} differ, "
+                    f"{d['only_in_backup']} only in backup, {d['only_live']} only live"
+                )
+    raise_if_damaged(checks)
+
+
+# --------------------------------------------------------------------------------------------
 # logs
 # --------------------------------------------------------------------------------------------
 

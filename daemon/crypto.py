@@ -11,3 +11,7 @@ def encryptor_from_config(cfg: Any) -> Any:
     if cfg.encryption.recipients:
         raise EncryptionError("encryption is configured but not available in this build")
     return None
+
+
+def decryptor_from_config(cfg: Any) -> Any:
+    return None

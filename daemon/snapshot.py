@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
-import zstandard
 
 from .errors import BackupError, IntegrityError
 
 log = structlog.get_logger(__name__)
-
-CHUNK = 1024 * 1024
-
 
 def _snapshot(src: Path, dest: Path) -> int:
     dest.unlink(missing_ok=True)
@@ -60,26 +55,6 @@ def is_wal_mode(db: Path) -> bool:
         header = f.read(20)
     # Bytes 18/19 of the header are the read/write format versions: 2 means WAL.
     return len(header) >= 20 and header[18] == 2 and header[19] == 2
-
-
-async def compressed_file_stream(path: Path, level: int = 3, threads: int = 0) -> AsyncIterator[bytes]:
-    """zstd-compress a file chunk by chunk; reading and compressing happen off the event loop."""
-    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-    cobj = cctx.compressobj()
-    f = await asyncio.to_thread(open, path, "rb")
-    try:
-        while True:
-            data = await asyncio.to_thread(f.read, CHUNK)
-            if not data:
-                break
-            out = await asyncio.to_thread(cobj.compress, data)
-            if out:
-                yield out
-        tail = cobj.flush()
-        if tail:
-            yield tail
-    finally:
-        f.close()
 
 
 def integrity_check(db: Path) -> str:

@@ -1,0 +1,392 @@
+"""Restore: download and verify everything first, then stop tinyserved, swap, start, check.
+
+Order of work (nothing live changes before step 3):
+  1. every object the restore needs is downloaded into a staging directory beside the root and
+     checked against the manifest (size, sha256); archives are extracted there with the hostile-
+     archive rules of ``archive.extract_stream``; the database is integrity-checked there;
+  2. the caller confirms (TTY) and tinyserved is stopped;
+  3. each replaced item is moved aside as ``<name>.pre-restore`` (kept until the next successful
+     restore) and the staged item renamed into place — same filesystem, so each swap is atomic;
+     a restored ``state.db`` never has a stale ``-wal``/``-shm`` beside it;
+  4. Docker images are loaded (full backups);
+  5. tinyserved is started — also after a failure past step 2, once the old state is rolled back;
+  6. ``PRAGMA integrity_check`` on the live database and ``tinyserve status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .archive import HashingStream, extract_stream
+from .backup import CONFIG_DIRS, NoProgress, Progress
+from .config import Config
+from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
+from .manifest import BackupRef, ObjectEntry, find_backup
+from .service import Tinyserved
+from .snapshot import integrity_check
+from .storage import Storage
+from .streams import decompress_stream, disk_error, file_chunks, write_stream
+
+log = structlog.get_logger(__name__)
+
+PRE = ".pre-restore"
+DB_SIDE_FILES = ("state.db-wal", "state.db-shm", "state.db-journal")
+
+
+@dataclass
+class StagedItem:
+    rel: str  # root-relative path that will be replaced, e.g. "state.db", "services/app"
+    staged: Path
+
+
+@dataclass
+class RestorePlan:
+    ref: BackupRef
+    entries: list[ObjectEntry]
+    services: list[str] | None
+    unverified: bool
+    items: list[str] = field(default_factory=list)  # rels that will be replaced
+    images: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        what = ", ".join(self.items) or "nothing"
+        extra = f" and load {len(self.images)} Docker images" if self.images else ""
+        return f"replace {what}{extra} with {self.ref.type} backup {self.ref.timestamp}"
+
+
+@dataclass
+class RestoreResult:
+    type: str
+    timestamp: str
+    restored: list[str]
+    images_loaded: list[str]
+    unverified: bool
+    integrity: str
+    tinyserve_status: str
+    warnings: list[str]
+    kept_aside: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+Confirm = Callable[[RestorePlan], Awaitable[bool]]
+
+
+def _entry_sources(e: ObjectEntry) -> set[str]:
+    """Which root-relative tops an archive may write (its manifest `sources`, or guide names)."""
+    if e.sources:
+        return set(e.sources)
+    if e.name.startswith("configs"):
+        return set(CONFIG_DIRS)
+    if e.name.startswith("services"):
+        return {"services"}
+    return set()
+
+
+class RestoreJob:
+    def __init__(
+        self,
+        cfg: Config,
+        storage: Storage,
+        *,
+        tinyserved: Tinyserved | None = None,
+        decryptor: Any = None,
+        progress: Progress | None = None,
+        confirm: Confirm | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.storage = storage
+        self.root = cfg.root
+        self.tinyserved = tinyserved or Tinyserved.from_config(cfg)
+        self.decryptor = decryptor
+        self.progress = progress or NoProgress()
+        self.confirm = confirm
+        self.warnings: list[str] = []
+        self._images_file: Path | None = None
+        self._trash: Path | None = None
+
+    # ---- step 0: plan ---------------------------------------------------------------------
+
+    async def plan(self, ts: str, btype: str | None, services: list[str] | None) -> RestorePlan:
+        if services and btype == "partial":
+            raise UsageError("--service needs a full or services backup", "drop --partial")
+        ref = await find_backup(self.storage, ts, btype)
+        m = ref.manifest
+        if services:
+            if ref.type == "partial":
+                raise UsageError(f"backup {ts} is partial and holds no service data", "pick a full or services backup")
+            have = set(m.services) or {
+                e.service for e in m.objects if e.service
+            }
+            guide_all = next((e for e in m.objects if e.name.startswith("services.tar")), None)
+            if guide_all is None:
+                missing = sorted(set(services) - have)
+                if missing:
+                    raise BackupError(
+                        f"backup {ts} has no data for service {', '.join(missing)}",
+                        f"services in it: {', '.join(sorted(have)) or 'none'}",
+                    )
+                entries = [e for e in m.objects if e.service in services]
+            else:
+                entries = [guide_all]
+            items = [f"services/{s}" for s in sorted(services)]
+            return RestorePlan(ref, entries, sorted(services), m.guide, items)
+        entries = [e for e in m.objects if e.kind != "wal-copy"]
+        if any(e.kind == "wal-copy" for e in m.objects):
+            self.warnings.append(
+                "this guide-made backup holds a copy of state.db-wal; it is NOT applied (it cannot be "
+                "replayed onto the .backup snapshot)"
+            )
+        items: list[str] = []
+        images: list[str] = []
+        for e in entries:
+            if e.kind == "sqlite":
+                items.append("state.db")
+            elif e.kind == "tar":
+                if e.service:
+                    items.append(f"services/{e.service}")
+                else:
+                    items.extend(sorted(_entry_sources(e)))
+            elif e.kind == "images":
+                images = list(m.images) or ["(images archive)"]
+        seen: list[str] = []
+        for i in items:
+            if i not in seen:
+                seen.append(i)
+        return RestorePlan(ref, entries, None, m.guide, seen, images)
+
+    # ---- step 1: stage --------------------------------------------------------------------
+
+    def _staging_dir(self) -> Path:
+        # Beside the root, so the final renames stay on one filesystem.
+        parent = self.root.parent
+        return parent / f".{self.root.name}.restore-{secrets.token_hex(4)}"
+
+    async def _download(self, plan: RestorePlan, e: ObjectEntry) -> AsyncIterator[bytes]:
+        """The object's bytes as stored, checked against the manifest once fully read."""
+        key = plan.ref.key(e.name)
+        hs = HashingStream(self.storage.download_stream(key))
+        async for c in hs:
+            self.progress.advance(len(c))
+            yield c
+        if hs.size != e.size:
+            raise IntegrityError(f"{key} is {hs.size} bytes, the manifest says {e.size}")
+        if e.sha256 and hs.sha256 != e.sha256:
+            raise IntegrityError(f"{key} does not match its sha256 in the manifest (damaged object)")
+
+    def _decoded(self, plan: RestorePlan, e: ObjectEntry) -> AsyncIterator[bytes]:
+        stream: AsyncIterator[bytes] = self._download(plan, e)
+        if e.encryption:
+            if self.decryptor is None:
+                raise EncryptionError(
+                    f"{e.name} is encrypted and no identity is configured",
+                    "set `encryption.identity_file` to your age private key",
+                )
+            stream = self.decryptor.decrypt_stream(stream)
+        return stream
+
+    async def stage(self, plan: RestorePlan, staging: Path) -> list[StagedItem]:
+        tree = staging / "root"
+        await asyncio.to_thread(tree.mkdir, parents=True)
+        images_file: Path | None = None
+        for e in plan.entries:
+            self.progress.start(e.name, e.size)
+            try:
+                if e.kind == "sqlite":
+                    dest = tree / "state.db"
+                    chunks = self._decoded(plan, e)
+                    await write_stream(decompress_stream(chunks, e.codec, e.name), dest)
+                    result = await asyncio.to_thread(integrity_check, dest)
+                    if result != "ok":
+                        raise IntegrityError(f"the database in {e.name} fails integrity_check: {result}")
+                elif e.kind == "tar":
+                    if plan.services:
+                        select = {f"services/{s}" for s in plan.services}
+                        allowed = _entry_sources(e) | select
+                    else:
+                        select = None
+                        allowed = _entry_sources(e)
+                    await extract_stream(
+                        self._decoded(plan, e),
+                        tree,
+                        codec=e.codec if e.codec in ("zstd", "gzip", "none") else "auto",  # type: ignore[arg-type]
+                        allowed_top=allowed or None,
+                        select_top=select,
+                    )
+                elif e.kind == "images":
+                    images_file = staging / e.name
+                    # Kept compressed; decompressed into `docker load` after the swap.
+                    await write_stream(self._decoded(plan, e), images_file)
+            except OSError as exc:
+                raise disk_error(exc, staging) from None
+            finally:
+                self.progress.finish()
+        staged = []
+        for rel in plan.items:
+            p = tree / rel
+            if rel in CONFIG_DIRS and not p.exists():
+                # An archive that lacked a config dir restores it as empty, like the guide's tar.
+                await asyncio.to_thread(p.mkdir, parents=True, exist_ok=True)
+            if not await asyncio.to_thread(os.path.lexists, p):
+                raise IntegrityError(f"the backup does not contain {rel}")
+            staged.append(StagedItem(rel, p))
+        self._images_file = images_file
+        return staged
+
+    # ---- step 3: swap ---------------------------------------------------------------------
+
+    def _swap(self, items: list[StagedItem], journal: list[tuple[str, Path, Path]]) -> list[str]:
+        """Move live items aside and staged ones in; every move is recorded for rollback."""
+        root = self.root
+        root.mkdir(parents=True, exist_ok=True)
+        trash = root / f".restore-trash-{secrets.token_hex(4)}"
+        aside: list[str] = []
+
+        def move(src: Path, dst: Path) -> None:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dst)
+            journal.append(("move", src, dst))
+
+        for item in items:
+            live = root / item.rel
+            pre = live.with_name(live.name + PRE)
+            # The previous restore's leftovers make way for this restore's (deleted on success).
+            if os.path.lexists(pre):
+                move(pre, trash / item.rel)
+            side = [root / n for n in DB_SIDE_FILES] if item.rel == "state.db" else []
+            for s in side:
+                spre = s.with_name(s.name + PRE)
+                if os.path.lexists(spre):
+                    move(spre, trash / s.name)
+            if os.path.lexists(live):
+                move(live, pre)
+                aside.append(str(pre.relative_to(root)))
+            for s in side:
+                if os.path.lexists(s):
+                    move(s, s.with_name(s.name + PRE))
+            move(item.staged, live)
+        self._trash = trash
+        return aside
+
+    def _rollback(self, journal: list[tuple[str, Path, Path]]) -> None:
+        for _op, src, dst in reversed(journal):
+            try:
+                if os.path.lexists(src):
+                    # Something new sits where the old item was; keep it out of the way.
+                    shutil.rmtree(src) if src.is_dir() and not src.is_symlink() else src.unlink()
+                os.rename(dst, src)
+            except OSError as exc:
+                log.error("rollback_step_failed", src=str(src), dst=str(dst), error=str(exc))
+
+    # ---- the whole restore ----------------------------------------------------------------
+
+    async def run(
+        self, ts: str, btype: str | None = None, services: list[str] | None = None
+    ) -> RestoreResult:
+        plan = await self.plan(ts, btype, services)
+        if plan.ref.manifest.encrypted and self.decryptor is None:
+            raise EncryptionError(
+                f"backup {ts} is encrypted and no identity is configured",
+                "set `encryption.identity_file` to your age private key",
+            )
+        if plan.unverified:
+            msg = "guide-made backup: it has no checksums, so its objects are UNVERIFIED (sizes only)"
+            self.warnings.append(msg)
+            log.warning("restore_unverified", backup=f"{plan.ref.type}/{ts}")
+        log.info("restore_started", backup=f"{plan.ref.type}/{ts}", items=plan.items)
+        await asyncio.to_thread(self.root.parent.mkdir, parents=True, exist_ok=True)
+        staging = self._staging_dir()
+        await asyncio.to_thread(staging.mkdir, mode=0o700)
+        try:
+            items = await self.stage(plan, staging)
+            log.info("restore_staged", backup=f"{plan.ref.type}/{ts}", items=len(items))
+            if self.confirm is not None and not await self.confirm(plan):
+                raise RestoreError("restore cancelled; nothing was changed", "")
+            return await self._apply(plan, items)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+
+    async def _apply(self, plan: RestorePlan, items: list[StagedItem]) -> RestoreResult:
+        journal: list[tuple[str, Path, Path]] = []
+        loaded: list[str] = []
+        aside: list[str] = []
+        await self.tinyserved.stop()
+        try:
+            # Shielded: once files start moving, a SIGTERM must not leave half a swap behind.
+            aside = await asyncio.shield(asyncio.to_thread(self._swap, items, journal))
+            if self._images_file is not None:
+                from .docker import load_images
+
+                entry = next(e for e in plan.entries if e.kind == "images")
+                loaded = await load_images(
+                    decompress_stream(file_chunks(self._images_file), entry.codec, entry.name)
+                )
+        except BaseException as exc:
+            log.error("restore_failed_rolling_back", error=getattr(exc, "message", type(exc).__name__))
+            await asyncio.shield(asyncio.to_thread(self._rollback, journal))
+            with contextlib.suppress(BackupError):
+                await self.tinyserved.start()
+            if isinstance(exc, OSError):
+                raise disk_error(exc, self.root) from None
+            raise
+        await self.tinyserved.start()
+        if self._trash is not None:
+            await asyncio.to_thread(shutil.rmtree, self._trash, True)
+        integrity = "not restored"
+        if "state.db" in plan.items:
+            integrity = await asyncio.to_thread(integrity_check, self.root / "state.db")
+            if integrity != "ok":
+                raise IntegrityError(
+                    f"restored state.db fails integrity_check: {integrity}",
+                    "the previous database is kept as state.db.pre-restore",
+                )
+        ok, status = await self.tinyserved.status()
+        if not ok:
+            self.warnings.append(f"tinyserve status reports a problem: {status[-200:]}")
+        log.info(
+            "restore_finished",
+            backup=f"{plan.ref.type}/{plan.ref.timestamp}",
+            restored=plan.items,
+            images=len(loaded),
+        )
+        return RestoreResult(
+            type=plan.ref.type,
+            timestamp=plan.ref.timestamp,
+            restored=plan.items,
+            images_loaded=loaded,
+            unverified=plan.unverified,
+            integrity=integrity,
+            tinyserve_status=status,
+            warnings=self.warnings,
+            kept_aside=aside,
+        )
+
+
+async def swap_database(cfg: Config, staged_db: Path, tinyserved: Tinyserved | None = None) -> list[str]:
+    """Replace the live state.db with an already verified file (used by point-in-time restore)."""
+    job = RestoreJob(cfg, storage=None, tinyserved=tinyserved)  # type: ignore[arg-type]
+    staging = staged_db
+    journal: list[tuple[str, Path, Path]] = []
+    await job.tinyserved.stop()
+    try:
+        aside = await asyncio.shield(asyncio.to_thread(job._swap, [StagedItem("state.db", staging)], journal))
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(job._rollback, journal))
+        with contextlib.suppress(BackupError):
+            await job.tinyserved.start()
+        raise
+    await job.tinyserved.start()
+    if job._trash is not None:
+        await asyncio.to_thread(shutil.rmtree, job._trash, True)
+    return aside

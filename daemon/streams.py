@@ -1,0 +1,103 @@
+"""Small streaming building blocks: (de)compression and file I/O off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+
+import zstandard
+
+from .errors import IntegrityError, RestoreError
+
+CHUNK = 1024 * 1024
+
+
+async def file_chunks(path: Path, chunk: int = CHUNK) -> AsyncIterator[bytes]:
+    f = await asyncio.to_thread(open, path, "rb")
+    try:
+        while True:
+            data = await asyncio.to_thread(f.read, chunk)
+            if not data:
+                return
+            yield data
+    finally:
+        f.close()
+
+
+async def compress_stream(
+    chunks: AsyncIterable[bytes], level: int = 3, threads: int = -1
+) -> AsyncIterator[bytes]:
+    cobj = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True).compressobj()
+    async for chunk in chunks:
+        out = await asyncio.to_thread(cobj.compress, chunk)
+        if out:
+            yield out
+    tail = await asyncio.to_thread(cobj.flush)
+    if tail:
+        yield tail
+
+
+async def compressed_file_stream(path: Path, level: int = 3, threads: int = -1) -> AsyncIterator[bytes]:
+    async for out in compress_stream(file_chunks(path), level, threads):
+        yield out
+
+
+async def decompress_stream(chunks: AsyncIterable[bytes], codec: str, what: str = "object") -> AsyncIterator[bytes]:
+    """Undo ``codec`` (zstd, gzip or none); damaged or truncated input is an IntegrityError."""
+    if codec == "none":
+        async for c in chunks:
+            yield c
+        return
+    import zlib
+
+    if codec == "zstd":
+        dobj: object = zstandard.ZstdDecompressor().decompressobj()
+    elif codec == "gzip":
+        dobj = zlib.decompressobj(wbits=31)
+    else:
+        raise IntegrityError(f"{what} uses unknown codec {codec!r}", "upgrade tinyserve-backup")
+    try:
+        async for c in chunks:
+            out = await asyncio.to_thread(dobj.decompress, c)  # type: ignore[attr-defined]
+            if out:
+                yield out
+        if codec == "zstd" and not dobj.eof:  # type: ignore[attr-defined]
+            raise IntegrityError(f"{what} is truncated (zstd frame incomplete)")
+        if codec == "gzip":
+            if not dobj.eof:  # type: ignore[attr-defined]
+                raise IntegrityError(f"{what} is truncated (gzip stream incomplete)")
+            tail = dobj.flush()  # type: ignore[attr-defined]
+            if tail:
+                yield tail
+    except (zstandard.ZstdError, zlib.error) as exc:
+        raise IntegrityError(f"{what} is damaged: {exc}") from None
+
+
+async def write_stream(chunks: AsyncIterable[bytes], dest: Path) -> int:
+    """Write a stream to ``dest`` (fsync'd); a full disk is a clear RestoreError."""
+    n = 0
+    f = await asyncio.to_thread(open, dest, "wb")
+    try:
+        async for c in chunks:
+            await asyncio.to_thread(f.write, c)
+            n += len(c)
+        await asyncio.to_thread(f.flush)
+        await asyncio.to_thread(os.fsync, f.fileno())
+    except OSError as exc:
+        raise disk_error(exc, dest) from None
+    finally:
+        f.close()
+    return n
+
+
+def disk_error(exc: OSError, where: Path) -> RestoreError:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RestoreError(
+            f"no space left on the disk while writing {where}",
+            "free some disk space (the restore needs room for a staged copy) and try again",
+        )
+    return RestoreError(f"cannot write {where}: {exc.strerror}")
