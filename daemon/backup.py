@@ -135,7 +135,10 @@ def list_services(root: Path) -> list[str]:
     d = root / "services"
     if not d.is_dir():
         return []
-    return sorted(e.name for e in d.iterdir() if e.is_dir() and not e.is_symlink())
+    # `<name>.pre-restore` is what a restore moved aside, not a service of its own.
+    return sorted(
+        e.name for e in d.iterdir() if e.is_dir() and not e.is_symlink() and not e.name.endswith(".pre-restore")
+    )
 
 
 class BackupJob:

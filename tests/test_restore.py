@@ -1,0 +1,298 @@
+"""Restore and verify against the real S3 server: exact round trips, safety, failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from daemon.backup import BackupJob
+from daemon.config import Config, parse_config
+from daemon.errors import BackupNotFoundError, DockerError, IntegrityError, RestoreError, UnsafeArchiveError
+from daemon.manifest import list_backups
+from daemon.restore import RestoreJob
+from daemon.storage import S3Storage
+from daemon.verify import verify_backup
+from tests.conftest import run_cli
+from tests.helpers.rootfactory import RootInfo, db_dump, make_root, read_calls, tree_digest
+from tests.helpers.s3server import MotoServer
+
+DB = ["state.db", "state.db-wal", "state.db-shm"]
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RootInfo:
+    monkeypatch.setenv("FAKE_TINYSERVED_STATE", str(tmp_path / "tinyserved.state"))
+    return make_root(tmp_path / "tinyserve", size="tiny", seed=11)
+
+
+def cfg_for(root: Path, extra: str = "") -> Config:
+    return parse_config(
+        f"root: {root}\ncompression:\n  threads: 0\n"
+        "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
+        "  status: [tinyserve, status]\n" + extra
+    )
+
+
+def ctl_calls() -> list[list[str]]:
+    return [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserved-ctl")]
+
+
+def snapshot(root: Path) -> tuple[dict[str, object], list[str]]:
+    return tree_digest(root, exclude=[*DB, "logs", "*.pre-restore", "*.pre-restore/*"]), db_dump(root / "state.db")
+
+
+async def test_full_restore_into_wiped_root_is_exact(root: RootInfo, s3_storage: S3Storage) -> None:
+    cfg = cfg_for(root.path)
+    before_tree, before_db = snapshot(root.path)
+    res = await BackupJob(cfg, s3_storage).run("full")
+    # wipe everything, including images
+    shutil.rmtree(root.path)
+    shutil.rmtree(os.environ["FAKE_DOCKER_STATE"])
+    out = await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    assert out.integrity == "ok"
+    after_tree, after_db = snapshot(root.path)
+    assert after_tree == before_tree
+    assert after_db == before_db
+    assert not (root.path / "state.db-wal").exists()
+    assert sorted(out.images_loaded) == sorted(root.images)
+    assert ctl_calls() == [["stop"], ["start"]]
+    # nothing left beside the root
+    assert sorted(p.name for p in root.path.parent.iterdir() if p.name.startswith(".")) == []
+
+
+async def test_partial_restore_keeps_previous_state_aside(root: RootInfo, s3_storage: S3Storage) -> None:
+    cfg = cfg_for(root.path)
+    before_tree, before_db = snapshot(root.path)
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    # the live state moves on: a new row, a changed config, a stale WAL
+    import sqlite3
+
+    conn = sqlite3.connect(root.db_path)
+    conn.execute("create table later(x)")
+    conn.commit()
+    conn.close()
+    (root.path / "generated" / "docker-compose.yml").write_text("services: {}\n")
+    out = await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
+    assert out.restored == ["state.db", "backups", "cloudflared", "generated", "traefik"]
+    after_tree, after_db = snapshot(root.path)
+    assert after_db == before_db
+    assert {k: v for k, v in after_tree.items() if not k.startswith("services")} == {
+        k: v for k, v in before_tree.items() if not k.startswith("services")
+    }
+    assert (root.path / "state.db.pre-restore").exists()
+    assert (root.path / "generated.pre-restore" / "docker-compose.yml").read_text() == "services: {}\n"
+    assert not (root.path / "state.db-wal").exists() and not (root.path / "state.db-shm").exists()
+    # a second restore replaces the first one's leftovers
+    out = await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
+    assert not any(p.name.startswith(".restore-trash") for p in root.path.iterdir())
+    assert db_dump(root.path / "state.db.pre-restore") == before_db
+
+
+async def test_one_service_restored_alone(root: RootInfo, s3_storage: S3Storage) -> None:
+    cfg = cfg_for(root.path)
+    before = tree_digest(root.path / "services" / "blog")
+    res = await BackupJob(cfg, s3_storage).run("full")
+    (root.path / "services" / "blog" / "new.txt").write_text("newer blog data\n")
+    (root.path / "services" / "notes" / "newer.txt").write_text("newer notes data\n")
+    db_before = db_dump(root.db_path)
+    out = await RestoreJob(cfg, s3_storage).run(res.timestamp, services=["blog"])
+    assert out.restored == ["services/blog"] and out.images_loaded == []
+    assert tree_digest(root.path / "services" / "blog") == before
+    assert (root.path / "services" / "notes" / "newer.txt").read_text() == "newer notes data\n"
+    assert db_dump(root.db_path) == db_before
+    assert (root.path / "services" / "blog.pre-restore" / "new.txt").exists()
+    # the aside copy is not mistaken for a service by the next backup
+    res2 = await BackupJob(cfg, s3_storage).run("services")
+    assert sorted(res2.manifest.services) == sorted(root.services)
+
+
+async def test_damaged_object_caught_by_verify_and_refused_by_restore(
+    root: RootInfo, s3_storage: S3Storage
+) -> None:
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    ref = (await list_backups(s3_storage))[0]
+    assert (await verify_backup(s3_storage, ref)).ok
+    key = f"partial/{res.timestamp}/configs.tar.zst"
+    data = bytearray(await s3_storage.get_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    await s3_storage.put_bytes(key, bytes(data))
+    check = await verify_backup(s3_storage, ref)
+    assert not check.ok
+    bad = [o for o in check.objects if not o.ok]
+    assert [o.name for o in bad] == ["configs.tar.zst"]
+    live = snapshot(root.path)
+    with pytest.raises(IntegrityError):
+        await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    assert snapshot(root.path) == live
+    assert ctl_calls() == []  # tinyserved never stopped
+
+
+async def test_unknown_and_incomplete_backups(root: RootInfo, s3_storage: S3Storage) -> None:
+    cfg = cfg_for(root.path)
+    with pytest.raises(BackupNotFoundError):
+        await RestoreJob(cfg, s3_storage).run("2020-01-01T00-00-00Z")
+    with pytest.raises(BackupNotFoundError, match="not a backup timestamp"):
+        await RestoreJob(cfg, s3_storage).run("yesterday")
+    # objects without a manifest are not a backup
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    await s3_storage.delete_many([f"partial/{res.timestamp}/manifest.json"])
+    with pytest.raises(BackupNotFoundError):
+        await RestoreJob(cfg, s3_storage).run(res.timestamp)
+
+
+def _hostile_tar(member: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ok = tarfile.TarInfo("generated/ok.txt")
+        ok.size = 2
+        tf.addfile(ok, io.BytesIO(b"ok"))
+        tf.addfile(member, io.BytesIO(data) if data else None)
+    return subprocess.run(["zstd", "-c"], input=buf.getvalue(), capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["dotdot", "absolute", "symlink_out", "hardlink_out", "device", "outside_allowed"],
+)
+async def test_hostile_archive_refused(
+    kind: str, root: RootInfo, s3_storage: S3Storage, tmp_path: Path
+) -> None:
+    import hashlib
+
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    m: tarfile.TarInfo
+    data = b""
+    if kind == "dotdot":
+        m = tarfile.TarInfo("generated/../../evil.txt")
+        data = b"pwned"
+    elif kind == "absolute":
+        m = tarfile.TarInfo(str(tmp_path / "evil-abs.txt"))
+        data = b"pwned"
+    elif kind == "symlink_out":
+        m = tarfile.TarInfo("generated/escape")
+        m.type = tarfile.SYMTYPE
+        m.linkname = "../../.."
+    elif kind == "hardlink_out":
+        m = tarfile.TarInfo("generated/hl")
+        m.type = tarfile.LNKTYPE
+        m.linkname = "/etc/passwd"
+    elif kind == "device":
+        m = tarfile.TarInfo("generated/dev")
+        m.type = tarfile.CHRTYPE
+        m.devmajor, m.devminor = 1, 3
+    else:
+        m = tarfile.TarInfo("services/blog/planted.txt")
+        data = b"a configs archive may not write service data"
+    m.size = len(data)
+    blob = _hostile_tar(m, data)
+    prefix = f"partial/{res.timestamp}/"
+    await s3_storage.put_bytes(prefix + "configs.tar.zst", blob)
+    manifest = json.loads(await s3_storage.get_bytes(prefix + "manifest.json"))
+    for o in manifest["objects"]:
+        if o["name"] == "configs.tar.zst":
+            o["size"], o["sha256"] = len(blob), hashlib.sha256(blob).hexdigest()
+    await s3_storage.put_bytes(prefix + "manifest.json", json.dumps(manifest).encode())
+    live = snapshot(root.path)
+    outside_before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UnsafeArchiveError):
+        await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    assert snapshot(root.path) == live
+    assert sorted(p.name for p in tmp_path.iterdir()) == outside_before
+    assert ctl_calls() == []
+    ref = (await list_backups(s3_storage))[0]
+    assert not (await verify_backup(s3_storage, ref)).ok
+
+
+async def test_failure_after_stop_rolls_back_and_starts(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("full")
+    (root.path / "generated" / "marker").write_text("live")
+    live = snapshot(root.path)
+    monkeypatch.setenv("FAKE_DOCKER_DAEMON_DOWN", "1")  # Docker Desktop not running: load fails
+    with pytest.raises(DockerError):
+        await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    assert snapshot(root.path) == live
+    assert ctl_calls() == [["stop"], ["start"]]
+    assert not any(".pre-restore" in p.name for p in root.path.iterdir())
+
+
+async def test_restore_onto_new_machine_via_cli(
+    tmp_path: Path, s3_server: MotoServer, bucket: str, root: RootInfo
+) -> None:
+    cfgp = tmp_path / "cfg.yaml"
+    cfgp.write_text(
+        f"root: {root.path}\n"
+        f"destination:\n  url: s3://{bucket}/tb\n  endpoint: {s3_server.endpoint}\n  addressing_style: path\n"
+        "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
+    )
+    before_tree, before_db = snapshot(root.path)
+    res = run_cli("--config", str(cfgp), "create", "--full", "--json")
+    assert res.returncode == 0, res.stderr
+    ts = json.loads(res.stdout)["timestamp"]
+    new_root = tmp_path / "new-mac" / "tinyserve"
+    env = {"TINYSERVE_ROOT": str(new_root)}
+    res = run_cli("--config", str(cfgp), "restore", ts, "--full", env=env)
+    assert res.returncode != 0 and "--yes" in res.stderr and not new_root.exists()
+    res = run_cli("--config", str(cfgp), "restore", ts, "--full", "--yes", env=env)
+    assert res.returncode == 0, res.stderr
+    assert snapshot(new_root) == (before_tree, before_db)
+    res = run_cli("--config", str(cfgp), "verify", ts, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)[0]["ok"] is True
+    res = run_cli("--config", str(cfgp), "verify", "--all", "--deep")
+    assert res.returncode == 0, res.stderr
+    assert "deep:" in res.stdout
+
+
+def test_full_disk_while_staging(tmp_path: Path, s3_server: MotoServer, bucket: str) -> None:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        big = make_root(tmp_path / "src", size="12MB", seed=2)
+        cfgp = tmp_path / "cfg.yaml"
+        cfgp.write_text(
+            f"root: {big.path}\n"
+            f"destination:\n  url: s3://{bucket}/tb\n  endpoint: {s3_server.endpoint}\n  addressing_style: path\n"
+        )
+        res = run_cli("--config", str(cfgp), "create", "--full", "--json")
+        assert res.returncode == 0, res.stderr
+        ts = json.loads(res.stdout)["timestamp"]
+        target = mnt / "tinyserve"
+        target.mkdir()
+        (target / "keep.txt").write_text("live data")
+        res = run_cli("--config", str(cfgp), "restore", ts, "--yes", env={"TINYSERVE_ROOT": str(target)})
+        assert res.returncode != 0
+        assert "no space left" in res.stderr and "Traceback" not in res.stderr
+        assert [p.name for p in mnt.iterdir()] == ["tinyserve"]
+        assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_missing_credentials_is_clear(tmp_path: Path, s3_auth_server: tuple[MotoServer, str, str, str]) -> None:
+    server, bucket, _key, _secret = s3_auth_server
+    cfgp = tmp_path / "cfg.yaml"
+    cfgp.write_text(
+        f"root: {tmp_path / 'r'}\n"
+        f"destination:\n  url: s3://{bucket}/tb\n  endpoint: {server.endpoint}\n  addressing_style: path\n"
+    )
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    res = run_cli("--config", str(cfgp), "restore", "2026-01-01T00-00-00Z", "--yes", env=env)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "credentials" in res.stderr.lower()
+    assert not (tmp_path / "r").exists()
