@@ -50,4 +50,4 @@ demo: venv
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
--include mk/agent.mk
+include mk/agent.mk

@@ -546,6 +546,97 @@ def logs_cmd(obj: Ctx, follow: bool, as_json: bool, level: str, event: str | Non
 
 
 # --------------------------------------------------------------------------------------------
+# run / status / schedule (the daemon: daemon/runner.py, daemon/status.py, daemon/scheduler.py)
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command("run")
+@click.pass_obj
+def run_cmd(obj: Ctx) -> int:
+    """Run the daemon in the foreground (what launchd and systemd start)."""
+    from .runner import run_daemon
+
+    cfg = obj.config()
+    level = console_level(obj.verbose) if obj.verbose or not sys.stderr.isatty() else "info"
+    if level != console_level(obj.verbose):
+        lg = cfg.logging
+        setup_logging(
+            file=lg.file, level=lg.level, max_bytes=lg.max_bytes, backups=lg.backups, console_level=level
+        )
+    return run_daemon(obj.config_path, cfg, console_level=level)
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_obj
+def status_cmd(obj: Ctx, as_json: bool) -> int:
+    """Is the daemon running; last backups, next runs, WAL lag and spool, last error."""
+    from .status import status_command
+
+    text, code = status_command(obj.config(missing_ok=True), as_json)
+    click.echo(text)
+    return code
+
+
+@cli.command("schedule")
+@click.option("--partial-daily", is_flag=True, help='Partial backup 03:00 Monday-Saturday ("0 3 * * 1-6").')
+@click.option("--full-weekly", is_flag=True, help='Full backup 03:00 Sunday ("0 3 * * 0").')
+@click.option("--services-daily", is_flag=True, help='Per-service archives 03:30 daily ("30 3 * * *").')
+@click.option("--partial", "partial_cron", metavar="CRON", help="Partial backup on this cron string.")
+@click.option("--full", "full_cron", metavar="CRON", help="Full backup on this cron string.")
+@click.option("--services", "services_cron", metavar="CRON", help="Per-service archives on this cron string.")
+@click.option(
+    "--off", multiple=True, type=click.Choice(["partial", "full", "services"]), help="Turn a job off."
+)
+@click.option("--wal-continuous/--no-wal", "wal", default=None, help="Continuous WAL shipping on or off.")
+@click.option("--timezone", help='Time zone of the cron strings, e.g. Europe/Berlin ("" = local).')
+@click.pass_obj
+def schedule_cmd(
+    obj: Ctx,
+    partial_daily: bool,
+    full_weekly: bool,
+    services_daily: bool,
+    partial_cron: str | None,
+    full_cron: str | None,
+    services_cron: str | None,
+    off: tuple[str, ...],
+    wal: bool | None,
+    timezone: str | None,
+) -> None:
+    """Show or edit the schedule in the config file (comments are kept)."""
+    from .scheduler import render_schedule, schedule_updates
+    from .status import describe, read_status, status_path
+
+    updates = schedule_updates(
+        presets={"partial": partial_daily, "full": full_weekly, "services": services_daily},
+        crons={"partial": partial_cron, "full": full_cron, "services": services_cron},
+        off=off,
+        wal=wal,
+        timezone=timezone,
+    )
+    cfg = edit_config(obj.config_path, updates) if updates else load_config(obj.config_path, missing_ok=True)
+    if updates:
+        click.echo(f"Schedule written to {obj.config_path}.")
+    click.echo(render_schedule(cfg))
+    if updates:
+        path = status_path(cfg.root)
+        d = describe(read_status(path), path)
+        if d.get("running"):
+            click.echo(f"The running daemon (pid {d.get('pid')}) picks this up within a few seconds.")
+        else:
+            click.echo("The daemon is not running: start it with `tinyserve-backup run`.")
+
+
+def _add_agent_commands() -> None:
+    from .agent import agent_cli
+
+    cli.add_command(agent_cli, "agent")
+
+
+_add_agent_commands()
+
+
+# --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
 
