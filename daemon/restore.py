@@ -8,9 +8,10 @@ Order of work (nothing live changes before step 3):
   3. each replaced item is moved aside as ``<name>.pre-restore`` (kept until the next successful
      restore) and the staged item renamed into place — same filesystem, so each swap is atomic;
      a restored ``state.db`` never has a stale ``-wal``/``-shm`` beside it;
-  4. Docker images are loaded (full backups);
+  4. ``PRAGMA integrity_check`` on the database now in place (a failure still rolls back);
+     Docker images are loaded (full backups);
   5. tinyserved is started — also after a failure past step 2, once the old state is rolled back;
-  6. ``PRAGMA integrity_check`` on the live database and ``tinyserve status``.
+  6. ``tinyserve status`` when it exists.
 """
 
 from __future__ import annotations
@@ -322,9 +323,15 @@ class RestoreJob:
         loaded: list[str] = []
         aside: list[str] = []
         await self.tinyserved.stop()
+        integrity = "not restored"
         try:
             # Shielded: once files start moving, a SIGTERM must not leave half a swap behind.
             aside = await asyncio.shield(asyncio.to_thread(self._swap, items, journal))
+            if "state.db" in plan.items:
+                # Checked in place before tinyserved starts, so a bad result can still roll back.
+                integrity = await asyncio.to_thread(integrity_check, self.root / "state.db")
+                if integrity != "ok":
+                    raise IntegrityError(f"restored state.db fails integrity_check: {integrity}")
             if self._images_file is not None:
                 from .docker import load_images
 
@@ -343,14 +350,6 @@ class RestoreJob:
         await self.tinyserved.start()
         if self._trash is not None:
             await asyncio.to_thread(shutil.rmtree, self._trash, True)
-        integrity = "not restored"
-        if "state.db" in plan.items:
-            integrity = await asyncio.to_thread(integrity_check, self.root / "state.db")
-            if integrity != "ok":
-                raise IntegrityError(
-                    f"restored state.db fails integrity_check: {integrity}",
-                    "the previous database is kept as state.db.pre-restore",
-                )
         ok, status = await self.tinyserved.status()
         if not ok:
             self.warnings.append(f"tinyserve status reports a problem: {status[-200:]}")

@@ -58,7 +58,12 @@ def is_wal_mode(db: Path) -> bool:
 
 
 def integrity_check(db: Path) -> str:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    """``PRAGMA integrity_check`` on a file nobody else has open.
+
+    A read-write connection on purpose: a read-only one cannot remove the ``-wal``/``-shm`` it makes
+    for a WAL-mode file, and a restore must never leave a WAL beside the database it put in place.
+    """
+    conn = sqlite3.connect(db)
     try:
         rows = conn.execute("PRAGMA integrity_check").fetchall()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
@@ -12,6 +13,16 @@ import zstandard
 from .errors import IntegrityError, RestoreError
 
 CHUNK = 1024 * 1024
+
+
+@contextlib.asynccontextmanager
+async def _closing(chunks: AsyncIterable[bytes]) -> AsyncIterator[AsyncIterable[bytes]]:
+    try:
+        yield chunks
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def file_chunks(path: Path, chunk: int = CHUNK) -> AsyncIterator[bytes]:
@@ -30,10 +41,13 @@ async def compress_stream(
     chunks: AsyncIterable[bytes], level: int = 3, threads: int = -1
 ) -> AsyncIterator[bytes]:
     cobj = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True).compressobj()
-    async for chunk in chunks:
-        out = await asyncio.to_thread(cobj.compress, chunk)
-        if out:
-            yield out
+    # aclosing: when we are closed or cancelled, the source (e.g. a `docker save` child) is closed
+    # at once instead of whenever the garbage collector gets to it.
+    async with _closing(chunks) as source:
+        async for chunk in source:
+            out = await asyncio.to_thread(cobj.compress, chunk)
+            if out:
+                yield out
     tail = await asyncio.to_thread(cobj.flush)
     if tail:
         yield tail
@@ -59,10 +73,11 @@ async def decompress_stream(chunks: AsyncIterable[bytes], codec: str, what: str 
     else:
         raise IntegrityError(f"{what} uses unknown codec {codec!r}", "upgrade tinyserve-backup")
     try:
-        async for c in chunks:
-            out = await asyncio.to_thread(dobj.decompress, c)  # type: ignore[attr-defined]
-            if out:
-                yield out
+        async with _closing(chunks) as source:
+            async for c in source:
+                out = await asyncio.to_thread(dobj.decompress, c)  # type: ignore[attr-defined]
+                if out:
+                    yield out
         if codec == "zstd" and not dobj.eof:  # type: ignore[attr-defined]
             raise IntegrityError(f"{what} is truncated (zstd frame incomplete)")
         if codec == "gzip":

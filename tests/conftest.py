@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 
 from daemon.storage import LocalStorage, RetryPolicy, S3Settings, S3Storage
+from tests.helpers.rootfactory import fake_path
 from tests.helpers.s3server import REPO, FaultProxy, MotoServer, create_bucket, start_moto
-
-FAKES = REPO / "tests" / "fakes"
-
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[MotoServer]:
@@ -119,7 +117,7 @@ def isolated_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FAKE_CALLS_LOG", str(tmp_path / "calls.jsonl"))
     monkeypatch.setenv("FAKE_SECURITY_STATE", str(tmp_path / "keychain.json"))
     monkeypatch.setenv("FAKE_DOCKER_STATE", str(tmp_path / "docker-state"))
-    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("PATH", fake_path())
     for var in ("TINYSERVE_ROOT", "TINYSERVE_BACKUP_CONFIG", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
