@@ -1,0 +1,326 @@
+"""The real daemon: `python -m daemon --config X run` in a child process, a local file:// destination.
+
+Time is controlled with the daemon's test-only knobs (see daemon/scheduler.py ``Clock``):
+``TINYSERVE_BACKUP_CLOCK_OFFSET_FILE`` holds seconds added to the daemon's wall clock, so a test
+puts the daemon a few seconds before 03:00 to see the real cron string fire, or moves the offset
+forward to simulate a sleep (the wall clock jumps, the monotonic clock does not — exactly what a
+Mac waking up looks like).  ``TINYSERVE_BACKUP_WAKE_SECONDS`` shortens the once-a-minute wake-up
+check.  Every wait polls the log or the status file against a deadline; no bare sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.status import status_path
+from tests.conftest import run_cli
+from tests.helpers.rootfactory import make_root
+from tests.helpers.s3server import REPO
+
+SECRET_TOKEN = "hc-token-6f1b2c9d7e"
+
+
+def next_3am(after: datetime) -> datetime:
+    t = after.replace(hour=3, minute=0, second=0, microsecond=0)
+    return t if t > after else t + timedelta(days=1)
+
+
+class Daemon:
+    def __init__(self, tmp: Path, config: str, *, virtual_now: datetime, wake: float = 0.3) -> None:
+        self.tmp = tmp
+        self.cfg_path = tmp / "config.yaml"
+        self.cfg_path.write_text(config)
+        self.log = tmp / "daemon.log"
+        self.offset_file = tmp / "clock-offset"
+        self.offset = (virtual_now - datetime.now(UTC)).total_seconds()
+        self.offset_file.write_text(repr(self.offset))
+        self.env = dict(os.environ)
+        self.env.update(
+            {
+                "TINYSERVE_BACKUP_CLOCK_OFFSET_FILE": str(self.offset_file),
+                "TINYSERVE_BACKUP_WAKE_SECONDS": str(wake),
+            }
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        with open(self.tmp / "daemon.stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "--config", str(self.cfg_path), "run"],
+                cwd=str(REPO),
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        self.wait_event(lambda e: e["event"] == "daemon_started", 20)
+        return self
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("--config", str(self.cfg_path), *args, env=self.env)
+
+    def sleep_for(self, seconds: float) -> None:
+        """Simulate the machine sleeping: the daemon's wall clock jumps ahead."""
+        self.offset += seconds
+        self.offset_file.write_text(repr(self.offset))
+
+    def events(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e["event"] == name]
+
+    def wait_event(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float, count: int = 1
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            hits = [e for e in self.events() if pred(e)]
+            if len(hits) >= count:
+                return hits[count - 1]
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.proc.returncode}): {self.stderr()}")
+            if time.monotonic() > deadline:
+                tail = [e["event"] for e in self.events()][-30:]
+                raise AssertionError(f"timed out waiting; last events: {tail}")
+            time.sleep(0.05)
+
+    def status(self) -> dict[str, Any]:
+        root = Path(self.cfg_path.read_text().split("root: ", 1)[1].split("\n", 1)[0])
+        return json.loads(status_path(root).read_text())
+
+    def wait_status(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                last = self.status()
+                if pred(last):
+                    return last
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"status never matched: {json.dumps(last)[:2000]}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20) -> tuple[int, float]:
+        assert self.proc is not None
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=timeout + 5)
+        return rc, time.monotonic() - t0
+
+    def stderr(self) -> str:
+        try:
+            return (self.tmp / "daemon.stderr").read_text()[-3000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+def config_text(root: Path, dest: Path, log: Path, schedule: str, *, wal: bool, extra: str = "") -> str:
+    return (
+        f"root: {root}\n"
+        f"destination:\n  url: file://{dest}\n"
+        f"schedule:\n  timezone: UTC\n{schedule}"
+        f"wal:\n  enabled: {'true' if wal else 'false'}\n  poll_interval_seconds: 0.5\n"
+        f"logging:\n  file: {log}\n"
+        f"{extra}"
+    )
+
+
+def make_setup(tmp_path: Path) -> tuple[Path, Path]:
+    root = make_root(tmp_path / "root", size="tiny").path
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    return root, dest
+
+
+def manifests(dest: Path) -> list[Path]:
+    return sorted(dest.rglob("manifest.json"))
+
+
+def test_scheduled_job_runs_on_its_cron_and_status_is_true(tmp_path: Path, daemons: list[Daemon]) -> None:
+    root, dest = make_setup(tmp_path)
+    fire = next_3am(datetime.now(UTC) + timedelta(hours=1))
+    cfg = config_text(
+        root,
+        dest,
+        tmp_path / "daemon.log",
+        '  partial: "0 3 * * *"\n  full: "off"\n',
+        wal=True,
+        extra=f"alerts:\n  healthchecks_url: http://127.0.0.1:9/{SECRET_TOKEN}\n  timeout_seconds: 1\n",
+    )
+    d = Daemon(tmp_path, cfg, virtual_now=fire - timedelta(seconds=4))
+
+    never = d.cli("status")
+    assert never.returncode == 3 and "has not run" in never.stdout
+
+    daemons.append(d.start())
+    ok = d.wait_event(lambda e: e["event"] == "job_succeeded", 30)
+    assert ok["type"] == "partial" and ok["trigger"] == "schedule"
+    assert [m.parent.name for m in manifests(dest / "partial")] == [ok["backup_timestamp"]]
+
+    st = d.wait_status(
+        lambda s: (
+            (s["jobs"]["partial"].get("last_success") or {}).get("timestamp") == ok["backup_timestamp"]
+            and s["wal"].get("generation")
+        )
+    )
+    assert st["pid"] == d.proc.pid and st["state"] == "running"  # type: ignore[union-attr]
+    assert st["config_path"] == str(d.cfg_path) and st["root"] == str(root)
+    assert st["started_at"].endswith("Z") and st["uptime_s"] >= 0
+    job = st["jobs"]["partial"]
+    manifest = json.loads((dest / "partial" / ok["backup_timestamp"] / "manifest.json").read_text())
+    assert job["last_success"]["size_bytes"] == sum(o["size"] for o in manifest["objects"]) > 0
+    assert job["last_success"]["duration_s"] > 0 and job["last_success"]["trigger"] == "schedule"
+    assert job["last_failure"] is None and job["schedule"] == "0 3 * * *"
+    assert job["next_run"] == (fire + timedelta(days=1)).strftime("%Y-%m-%dT03:00:00Z")
+    assert "full" not in st["jobs"] or st["jobs"]["full"]["schedule"] is None
+    wal = st["wal"]
+    assert wal["enabled"] is True and wal["state"] == "running"
+    assert isinstance(wal["spool_bytes"], int) and isinstance(wal["lag_seconds"], int | float)
+    assert (dest / "wal").is_dir()
+
+    cli = d.cli("status", "--json")
+    assert cli.returncode == 0, cli.stderr
+    shown = json.loads(cli.stdout)
+    assert shown["running"] is True and shown["daemon"] == "running" and shown["uptime_s"] >= 0
+    assert 0 <= shown["jobs"]["partial"]["last_success"]["age_s"] < 120
+    human = d.cli("status")
+    assert human.returncode == 0 and "daemon: running" in human.stdout and "next run" in human.stdout
+
+    rc, took = d.stop()
+    assert rc == 0 and took < 20
+    assert len(d.named("job_started")) == 1  # the cron fire only; no catch-up duplicate
+    after = json.loads(d.cli("status", "--json").stdout)
+    assert after["running"] is False and after["daemon"].startswith("not running (stopped")
+    assert after["wal"]["generation"] == wal["generation"]  # last figures kept
+    everything = status_path(root).read_text() + d.log.read_text()
+    assert SECRET_TOKEN not in everything
+
+
+def test_sigterm_mid_backup_leaves_no_manifest(tmp_path: Path, daemons: list[Daemon]) -> None:
+    root, dest = make_setup(tmp_path)
+    fire = next_3am(datetime.now(UTC) + timedelta(hours=1))
+    cfg = config_text(
+        root,
+        dest,
+        tmp_path / "daemon.log",
+        '  partial: "off"\n  full: "off"\n  services: "0 3 * * *"\n',
+        wal=False,
+        # services go blog, notes, photos: photos' pre hook holds the backup mid-way
+        extra="hooks:\n  photos:\n    pre: [sleep, '60']\n",
+    )
+    d = Daemon(tmp_path, cfg, virtual_now=fire - timedelta(seconds=3))
+    daemons.append(d.start())
+    d.wait_event(lambda e: e["event"] == "artifact_uploaded" and "notes" in str(e.get("name")), 30)
+    assert (dest / "services").is_dir()
+    rc, took = d.stop()
+    assert rc == 0, d.stderr()
+    assert took < 20
+    assert manifests(dest) == []
+    assert [p for p in dest.rglob("*") if p.is_file()] == []  # uploaded archives discarded too
+    assert d.named("job_cancelled") and d.named("daemon_stopped")
+    assert not d.named("job_failed")
+    listed = d.cli("list", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+    st = d.status()
+    assert st["state"] == "stopped" and st["jobs"]["services"]["last_failure"] is None
+
+
+def test_sighup_with_broken_config_keeps_the_old_one(tmp_path: Path, daemons: list[Daemon]) -> None:
+    root, dest = make_setup(tmp_path)
+    log = tmp_path / "daemon.log"
+    good = config_text(root, dest, log, '  partial: "0 3 * * *"\n', wal=False)
+    d = Daemon(tmp_path, good, virtual_now=datetime.now(UTC))
+    daemons.append(d.start())
+    d.wait_status(lambda s: s["state"] == "running")
+
+    d.cfg_path.write_text(good.replace("  partial:", "  parital:"))
+    d.signal(signal.SIGHUP)
+    failed = d.wait_event(lambda e: e["event"] == "config_reload_failed" and e["reason"] == "sighup", 15)
+    assert "unknown config key `schedule.parital`" in failed["error"]
+    assert "did you mean `schedule.partial`" in failed["error"]
+    assert failed["level"] == "error"
+    assert d.proc is not None and d.proc.poll() is None
+    st = d.wait_status(lambda s: (s.get("last_error") or {}).get("kind") == "config")
+    assert "old config kept" in st["last_error"]["message"]
+    assert st["jobs"]["partial"]["schedule"] == "0 3 * * *"
+
+    # a valid edit is picked up from the file alone (no signal)
+    d.cfg_path.write_text(good.replace('"0 3 * * *"', '"30 4 * * 1-5"'))
+    ok = d.wait_event(lambda e: e["event"] == "config_reloaded", 15)
+    assert ok["reason"] == "file_changed" and "schedule" in ok["changed"]
+    st = d.wait_status(lambda s: s["jobs"]["partial"]["schedule"] == "30 4 * * 1-5")
+    assert st["last_error"] is None
+    assert st["jobs"]["partial"]["next_run"].endswith("T04:30:00Z")
+    rc, took = d.stop()
+    assert rc == 0 and took < 20
+
+
+def test_missed_job_runs_once_after_a_simulated_sleep(tmp_path: Path, daemons: list[Daemon]) -> None:
+    root, dest = make_setup(tmp_path)
+    noon = next_3am(datetime.now(UTC)) + timedelta(hours=9)
+    cfg = config_text(
+        root, dest, tmp_path / "daemon.log", '  partial: "0 3 * * *"\n  full: "off"\n', wal=False
+    )
+    d = Daemon(tmp_path, cfg, virtual_now=noon)
+    daemons.append(d.start())
+    d.wait_status(lambda s: s["state"] == "running")
+    assert manifests(dest) == []
+
+    d.sleep_for(24 * 3600)  # asleep across one 03:00
+    d.wait_event(lambda e: e["event"] == "clock_jump_detected", 15)
+    ok = d.wait_event(lambda e: e["event"] == "job_succeeded", 30)
+    assert ok["trigger"] == "catch-up"
+
+    d.sleep_for(3 * 24 * 3600)  # asleep across three more: still one run
+    d.wait_event(lambda e: e["event"] == "clock_jump_detected", 15, count=2)
+    d.wait_event(lambda e: e["event"] == "job_succeeded", 30, count=2)
+
+    d.sleep_for(600)  # a short nap that crosses no 03:00: nothing to do
+    check = d.wait_event(lambda e: e["event"] == "catch_up_check" and e["after_jump"], 15, count=3)
+    assert check["queued"] == []
+    assert len(d.named("job_started")) == 2
+    assert len(manifests(dest / "partial")) == 2
+    st = d.wait_status(lambda s: s["jobs"]["partial"]["last_success"] is not None)
+    assert st["jobs"]["partial"]["last_success"]["trigger"] == "catch-up"
+    rc, _ = d.stop()
+    assert rc == 0
+    assert len(d.named("job_started")) == 2
