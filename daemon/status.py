@@ -51,6 +51,35 @@ def pid_alive(pid: Any) -> bool:
     return True
 
 
+def _command_of(pid: int) -> str | None:
+    """The command line of ``pid`` (None if it cannot be read)."""
+    proc = Path(f"/proc/{pid}/cmdline")
+    if proc.exists():
+        try:
+            return proc.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return None
+    try:
+        import subprocess
+
+        out = subprocess.run(
+            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def daemon_alive(pid: Any) -> bool:
+    """``pid`` is alive and still looks like our daemon (a recycled pid does not count)."""
+    if not pid_alive(pid):
+        return False
+    cmd = _command_of(int(pid))
+    if cmd is None:
+        return True  # cannot tell; the pid exists
+    return ("tinyserve-backup" in cmd or "daemon" in cmd) and " run" in cmd
+
+
 def _age(t: Any, now: datetime) -> float | None:
     when = parse_time(t)
     return round((now - when).total_seconds(), 1) if when else None
@@ -65,7 +94,7 @@ def describe(data: dict[str, Any] | None, path: Path, now: datetime | None = Non
         return {"daemon": "unknown (status file unreadable)", "running": False, "status_file": str(path)}
     out = dict(data)
     out["status_file"] = str(path)
-    alive = pid_alive(data.get("pid")) and data.get("state") != "stopped"
+    alive = data.get("state") != "stopped" and daemon_alive(data.get("pid"))
     out["running"] = alive
     if alive:
         out["daemon"] = "running"

@@ -324,3 +324,26 @@ def test_missed_job_runs_once_after_a_simulated_sleep(tmp_path: Path, daemons: l
     rc, _ = d.stop()
     assert rc == 0
     assert len(d.named("job_started")) == 2
+
+
+def test_status_with_a_dead_or_recycled_pid_is_stale(tmp_path: Path) -> None:
+    from daemon.status import describe, render_human, write_status
+
+    path = tmp_path / "status.json"
+    doc = {
+        "pid": os.getpid(),  # alive, but this is pytest, not the daemon: a recycled pid
+        "state": "running",
+        "started_at": "2026-01-10T03:00:00Z",
+        "updated_at": "2026-01-10T04:00:00Z",
+        "jobs": {"partial": {"schedule": "0 3 * * 1-6", "last_success": {"at": "2026-01-10T03:01:00Z"}}},
+    }
+    write_status(path, doc)
+    d = describe(json.loads(path.read_text()), path, datetime(2026, 1, 10, 5, 1, tzinfo=UTC))
+    assert d["running"] is False and d["daemon"] == "not running (stale status from 2026-01-10T04:00:00Z)"
+    assert d["jobs"]["partial"]["last_success"]["age_s"] == 7200
+    assert "not running (stale status" in render_human(d)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    doc["pid"] = int(dead.stdout)
+    assert describe(doc, path)["running"] is False
