@@ -84,7 +84,7 @@ class RestoreResult:
 Confirm = Callable[[RestorePlan], Awaitable[bool]]
 
 
-def _entry_sources(e: ObjectEntry) -> set[str]:
+def entry_sources(e: ObjectEntry) -> set[str]:
     """Which root-relative tops an archive may write (its manifest `sources`, or guide names)."""
     if e.sources:
         return set(e.sources)
@@ -158,7 +158,7 @@ class RestoreJob:
                 if e.service:
                     items.append(f"services/{e.service}")
                 else:
-                    items.extend(sorted(_entry_sources(e)))
+                    items.extend(sorted(entry_sources(e)))
             elif e.kind == "images":
                 images = list(m.images) or ["(images archive)"]
         seen: list[str] = []
@@ -214,10 +214,10 @@ class RestoreJob:
                 elif e.kind == "tar":
                     if plan.services:
                         select = {f"services/{s}" for s in plan.services}
-                        allowed = _entry_sources(e) | select
+                        allowed = entry_sources(e) | select
                     else:
                         select = None
-                        allowed = _entry_sources(e)
+                        allowed = entry_sources(e)
                     await extract_stream(
                         self._decoded(plan, e),
                         tree,

@@ -15,6 +15,7 @@ import structlog
 from .archive import HashingStream, extract_stream, test_decompress
 from .errors import BackupError, IntegrityError
 from .manifest import BackupRef, ObjectEntry
+from .restore import entry_sources
 from .snapshot import integrity_check
 from .storage import Storage
 from .streams import decompress_stream, write_stream
@@ -65,10 +66,14 @@ async def _check_object(
         detail = ""
         if e.kind == "tar":
             if deep_dir is not None:
-                stats = await extract_stream(stream, deep_dir, codec=e.codec)  # type: ignore[arg-type]
+                stats = await extract_stream(  # type: ignore[arg-type]
+                    stream, deep_dir, codec=e.codec, allowed_top=entry_sources(e) or None
+                )
                 detail = f"{stats.members} members extracted"
             else:
-                res = await test_decompress(stream, e.codec)  # type: ignore[arg-type]
+                res = await test_decompress(  # type: ignore[arg-type]
+                    stream, e.codec, allowed_top=entry_sources(e) or None
+                )
                 detail = f"{res[1]} members, {res[0]} bytes uncompressed"
         elif e.kind == "sqlite":
             db = scratch / f"{ref.type}-{ref.timestamp}-state.db"
