@@ -116,24 +116,43 @@ class WalHeader:
 
     @classmethod
     def build(
-        cls, *, page_size: int, salt1: int, salt2: int, checkpoint_seq: int = 0,
+        cls,
+        *,
+        page_size: int,
+        salt1: int,
+        salt2: int,
+        checkpoint_seq: int = 0,
         big_endian: bool = False,
     ) -> WalHeader:
         """A valid header (for re-creating a WAL by hand from shipped frames, and for tests)."""
         magic = MAGIC_BE if big_endian else MAGIC_LE
-        head = struct.pack(">IIIIII", magic, WAL_FORMAT_VERSION, page_size, checkpoint_seq,
-                           salt1, salt2)
-        return cls(magic, WAL_FORMAT_VERSION, page_size, checkpoint_seq, salt1, salt2,
-                   wal_checksum(head, big_endian))
+        head = struct.pack(">IIIIII", magic, WAL_FORMAT_VERSION, page_size, checkpoint_seq, salt1, salt2)
+        return cls(
+            magic, WAL_FORMAT_VERSION, page_size, checkpoint_seq, salt1, salt2, wal_checksum(head, big_endian)
+        )
 
     def to_bytes(self) -> bytes:
-        return _HEADER.pack(self.magic, self.version, self.page_size, self.checkpoint_seq,
-                            self.salt1, self.salt2, *self.checksum)
+        return _HEADER.pack(
+            self.magic,
+            self.version,
+            self.page_size,
+            self.checkpoint_seq,
+            self.salt1,
+            self.salt2,
+            *self.checksum,
+        )
 
     def start_position(self) -> WalPosition:
         """Position of frame 1 of this WAL incarnation."""
-        return WalPosition(self.magic, self.page_size, self.checkpoint_seq, self.salt1,
-                           self.salt2, WAL_HEADER_SIZE, self.checksum)
+        return WalPosition(
+            self.magic,
+            self.page_size,
+            self.checkpoint_seq,
+            self.salt1,
+            self.salt2,
+            WAL_HEADER_SIZE,
+            self.checksum,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,20 +187,37 @@ class WalPosition:
 
     def same_incarnation(self, header: WalHeader) -> bool:
         """Whether ``header`` is the header this position was read under (no restart since)."""
-        return (header.magic, header.page_size, header.checkpoint_seq, header.salt1,
-                header.salt2) == (self.magic, self.page_size, self.checkpoint_seq, self.salt1,
-                                  self.salt2)
+        return (header.magic, header.page_size, header.checkpoint_seq, header.salt1, header.salt2) == (
+            self.magic,
+            self.page_size,
+            self.checkpoint_seq,
+            self.salt1,
+            self.salt2,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"magic": self.magic, "page_size": self.page_size,
-                "checkpoint_seq": self.checkpoint_seq, "salt1": self.salt1, "salt2": self.salt2,
-                "offset": self.offset, "checksum": list(self.checksum)}
+        return {
+            "magic": self.magic,
+            "page_size": self.page_size,
+            "checkpoint_seq": self.checkpoint_seq,
+            "salt1": self.salt1,
+            "salt2": self.salt2,
+            "offset": self.offset,
+            "checksum": list(self.checksum),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WalPosition:
         c = d["checksum"]
-        return cls(int(d["magic"]), int(d["page_size"]), int(d["checkpoint_seq"]),
-                   int(d["salt1"]), int(d["salt2"]), int(d["offset"]), (int(c[0]), int(c[1])))
+        return cls(
+            int(d["magic"]),
+            int(d["page_size"]),
+            int(d["checkpoint_seq"]),
+            int(d["salt1"]),
+            int(d["salt2"]),
+            int(d["offset"]),
+            (int(c[0]), int(c[1])),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,8 +330,9 @@ def _scan(
         offset += frame_size
         read_bytes += frame_size
         if commit_size:
-            end = WalPosition(start.magic, page_size, start.checkpoint_seq, start.salt1,
-                              start.salt2, offset, (s0, s1))
+            end = WalPosition(
+                start.magic, page_size, start.checkpoint_seq, start.salt1, start.salt2, offset, (s0, s1)
+            )
             txns.append(Transaction(txn_start, end, commit_size, tuple(pending)))
             txn_start = end
             pending = []
@@ -324,8 +361,7 @@ def read_wal(
         try:
             f: BinaryIO = open(source, "rb")  # closed in finally
         except FileNotFoundError:
-            return WalRead(None, None, stop_reason=STOP_NO_HEADER,
-                           restarted=position is not None)
+            return WalRead(None, None, stop_reason=STOP_NO_HEADER, restarted=position is not None)
         owned = True
     else:
         f = source
@@ -336,19 +372,25 @@ def read_wal(
         f.seek(0)
         head = f.read(WAL_HEADER_SIZE)
         if len(head) < WAL_HEADER_SIZE:
-            return WalRead(None, None, stop_reason=STOP_NO_HEADER, file_size=size,
-                           restarted=position is not None)
+            return WalRead(
+                None, None, stop_reason=STOP_NO_HEADER, file_size=size, restarted=position is not None
+            )
         try:
             header = WalHeader.parse(head)
         except WalFormatError as e:
-            return WalRead(None, None, stop_reason=STOP_NO_HEADER, file_size=size,
-                           restarted=position is not None, header_error=e.message)
+            return WalRead(
+                None,
+                None,
+                stop_reason=STOP_NO_HEADER,
+                file_size=size,
+                restarted=position is not None,
+                header_error=e.message,
+            )
         restarted = position is not None and not position.same_incarnation(header)
         start = header.start_position() if position is None or restarted else position
         if start.offset > WAL_HEADER_SIZE:
             f.seek(start.offset)
-        txns, end, reason, uncommitted = _scan(f.read, start, keep_frames=keep_frames,
-                                               max_bytes=max_bytes)
+        txns, end, reason, uncommitted = _scan(f.read, start, keep_frames=keep_frames, max_bytes=max_bytes)
         return WalRead(header, end, txns, restarted, reason, uncommitted, size)
     finally:
         if owned:
@@ -376,17 +418,18 @@ def apply_frames(
     db_path: str | os.PathLike[str],
     frames: Iterable[Frame],
     page_size: int,
-    commit_db_size: int,
+    commit_db_size: int | None,
     *,
     fsync: bool = False,
 ) -> int:
     """Write ``frames``' pages into a database file and size it to ``commit_db_size`` pages.
 
     This is what a checkpoint does: later frames of a page overwrite earlier ones, and the file is
-    truncated (or extended) to the database size of the last commit applied.  Call it once per WAL
-    incarnation, with the last commit's size, to match SQLite exactly.  Returns pages written.
+    truncated (or extended) to the database size of the last commit applied.  SQLite resizes only
+    once, at the end of a WAL incarnation, so a caller applying one incarnation in several calls
+    passes ``commit_db_size=None`` (write pages only) until the last one.  Returns pages written.
     """
-    if commit_db_size <= 0:
+    if commit_db_size is not None and commit_db_size <= 0:
         raise ValueError("commit_db_size must be the positive page count of a commit frame")
     n = 0
     fd = os.open(db_path, os.O_RDWR)
@@ -395,10 +438,12 @@ def apply_frames(
             if len(fr.raw) != FRAME_HEADER_SIZE + page_size:
                 raise WalFormatError(
                     f"frame for page {fr.pgno} is {len(fr.raw) - FRAME_HEADER_SIZE} bytes, "
-                    f"page size is {page_size}")
+                    f"page size is {page_size}"
+                )
             os.pwrite(fd, fr.page, (fr.pgno - 1) * page_size)
             n += 1
-        os.ftruncate(fd, commit_db_size * page_size)
+        if commit_db_size is not None:
+            os.ftruncate(fd, commit_db_size * page_size)
         if fsync:
             os.fsync(fd)
     finally:

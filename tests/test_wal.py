@@ -1,0 +1,670 @@
+"""WAL shipper: real SQLite, real files, real S3 protocol (moto) through a fault proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from daemon.errors import BackupNotFoundError, LeaseHeldError
+from daemon.pitr import restore_point_in_time
+from daemon.storage import LocalStorage, S3Storage
+from daemon.wal import (
+    LEASE_KEY,
+    SegmentInfo,
+    SnapshotInfo,
+    WalShipper,
+    format_ts,
+    load_catalog,
+    parse_wal_key,
+    prune_wal,
+    split_object,
+)
+from tests.conftest import s3_settings
+from tests.helpers.s3server import REPO, FaultProxy, MotoServer
+from tests.helpers.writer import (
+    RecordingStorage,
+    fast_options,
+    init_db,
+    logical_dump,
+    read_log,
+    replay,
+)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    path = root / "state.db"
+    init_db(path)
+    return path
+
+
+def commit_rows(db: Path, start: int, n: int, size: int = 500) -> None:
+    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    try:
+        for i in range(start, start + n):
+            conn.execute("INSERT INTO kv (k, v, n) VALUES (?, randomblob(?), ?)", (f"r{i}", size, i))
+    finally:
+        conn.close()
+
+
+async def wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def restore_latest(storage: Any, out: Path) -> dict[str, list[tuple[Any, ...]]]:
+    await asyncio.to_thread(out.unlink, missing_ok=True)
+    await restore_point_in_time(storage, None, out)
+    return logical_dump(out)
+
+
+def run_bytes(argv: list[str], data: bytes) -> bytes:
+    return subprocess.run(argv, input=data, capture_output=True, check=True).stdout
+
+
+def wal_size(db: Path) -> int:
+    return Path(f"{db}-wal").stat().st_size if Path(f"{db}-wal").exists() else -1
+
+
+def start_helper(out: Path, *args: str) -> subprocess.Popen[bytes]:
+    with open(out, "wb") as f:  # a file, not a pipe nobody drains
+        return subprocess.Popen([sys.executable, "-m", "tests.helpers.writer", *args], cwd=REPO, stdout=f)
+
+
+def has_line(path: Path, prefix: str) -> bool:
+    try:
+        return any(line.startswith(prefix) for line in path.read_text().splitlines())
+    except FileNotFoundError:
+        return False
+
+
+def start_writer(db: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.writer", "write", str(db), str(log), *args], cwd=REPO
+    )
+
+
+def log_lines(log: Path) -> int:
+    try:
+        return sum(1 for _ in open(log))
+    except FileNotFoundError:
+        return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+async def test_ships_commits_and_restores_latest(
+    db: Path, tmp_path: Path, local_storage: LocalStorage
+) -> None:
+    shipper = WalShipper(db, local_storage, tmp_path / "spool", fast_options())
+    await shipper.start()
+    try:
+        await asyncio.to_thread(commit_rows, db, 0, 200)
+        assert await shipper.flush(10)
+        st = shipper.status()
+        assert st["state"] == "shipping" and st["wal_mode"] is True
+        assert st["spool_bytes"] == 0 and st["pending_commits"] == 0
+        assert st["last_shipped_commit_at"] is not None and st["last_error"] is None
+        assert st["lease_holder"] == shipper.holder_id
+        assert await restore_latest(local_storage, tmp_path / "out.db") == logical_dump(db)
+    finally:
+        await shipper.stop()
+    assert shipper.status()["state"] == "stopped"
+    assert await local_storage.head(LEASE_KEY) is None  # released on stop
+    # Nothing was written into state.db: no tables besides the application's.
+    names = {r[0] for r in sqlite3.connect(db).execute("SELECT name FROM sqlite_master")}
+    assert names == {"kv", "events", "events_at", "sqlite_autoindex_kv_1"}
+
+
+async def test_layout_and_metadata(db: Path, tmp_path: Path, local_storage: LocalStorage) -> None:
+    shipper = WalShipper(db, local_storage, tmp_path / "spool", fast_options())
+    await shipper.start()
+    try:
+        for i in range(3):
+            await asyncio.to_thread(commit_rows, db, i * 10, 10)
+            assert await shipper.flush(10)
+    finally:
+        await shipper.stop()
+    objs = await local_storage.list("wal/")
+    infos = [parse_wal_key(o.key) for o in objs if o.key != LEASE_KEY]
+    assert infos and all(i is not None for i in infos), [o.key for o in objs]
+    snaps = [i for i in infos if isinstance(i, SnapshotInfo)]
+    segs = [i for i in infos if isinstance(i, SegmentInfo)]
+    assert len(snaps) == 1 and snaps[0].index == 0
+    assert [s.index for s in segs] == list(range(len(segs))) and len(segs) >= 3
+    for s in segs:
+        data = await local_storage.get_bytes(s.key)
+        meta, payload = split_object(data)
+        assert meta["generation"] == s.generation and meta["index"] == s.index
+        assert meta["page_size"] == 4096 and meta["commits"]
+        assert meta["commits"][-1]["at"] == format_ts(s.last_at)
+        # zstd -d skips the metadata frame and yields the raw WAL frames.
+        raw = await asyncio.to_thread(run_bytes, ["zstd", "-dcq"], data)
+        assert len(raw) == meta["raw_bytes"] and len(raw) % (24 + 4096) == 0
+        assert raw == zstandard.ZstdDecompressor().decompress(bytes(payload))
+    # A snapshot decompresses by hand into a database SQLite opens.
+    snap_db = tmp_path / "by-hand.db"
+    snap_bytes = await local_storage.get_bytes(snaps[0].key)
+    await asyncio.to_thread(
+        snap_db.write_bytes, await asyncio.to_thread(run_bytes, ["zstd", "-dcq"], snap_bytes)
+    )
+    assert sqlite3.connect(snap_db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+async def test_idle_makes_no_storage_requests(db: Path, tmp_path: Path, local_storage: LocalStorage) -> None:
+    rec = RecordingStorage(local_storage)
+    shipper = WalShipper(
+        db,
+        rec,
+        tmp_path / "spool",
+        fast_options(poll_interval=0.05),
+    )
+    await shipper.start()
+    try:
+        await asyncio.to_thread(commit_rows, db, 0, 5)
+        assert await shipper.flush(10)
+        rec.calls.clear()
+        polls_before = time.monotonic()
+        await asyncio.sleep(1.0)  # twenty safety polls' worth of idleness
+        assert time.monotonic() - polls_before >= 1.0
+        assert rec.calls == []
+        # ... and the next commit is shipped promptly after the idle spell, lease renewed or not.
+        await asyncio.to_thread(commit_rows, db, 5, 1)
+        await wait_for(
+            lambda: any(k == "put" and "/segments/" in key for k, key in rec.calls), 5, "a segment upload"
+        )
+    finally:
+        await shipper.stop()
+
+
+async def test_watch_events_drive_low_lag(db: Path, tmp_path: Path, local_storage: LocalStorage) -> None:
+    # The safety poll is far away: only file events can make this fast.
+    rec = RecordingStorage(local_storage)
+    shipper = WalShipper(
+        db,
+        rec,
+        tmp_path / "spool",
+        fast_options(poll_interval=30),
+    )
+    await shipper.start()
+    try:
+        lags = []
+        for i in range(5):
+            n = len(rec.put_done)
+            t = time.time()
+            await asyncio.to_thread(commit_rows, db, i, 1)
+            await wait_for(lambda n=n: len(rec.put_done) > n, 5, "an upload")  # type: ignore[misc]
+            lags.append(max(rec.put_done.values()) - t)
+        assert max(lags) < 1.0, lags
+    finally:
+        await shipper.stop()
+
+
+async def test_safety_poll_alone_ships(db: Path, tmp_path: Path, local_storage: LocalStorage) -> None:
+    shipper = WalShipper(db, local_storage, tmp_path / "spool", fast_options(watch=False, poll_interval=0.1))
+    await shipper.start()
+    try:
+        await asyncio.to_thread(commit_rows, db, 0, 3)
+        await wait_for(
+            lambda: shipper.status()["last_shipped_commit_at"] is not None, 5, "the poll to notice the commit"
+        )
+    finally:
+        await shipper.stop()
+    assert await restore_latest(local_storage, tmp_path / "out.db") == logical_dump(db)
+
+
+async def test_checkpoints_keep_continuity_with_app_truncate(
+    db: Path,
+    tmp_path: Path,
+    local_storage: LocalStorage,
+) -> None:
+    opts = fast_options(checkpoint_pages=30, checkpoint_min_interval=0.05, truncate_bytes=400 * 1024)
+    shipper = WalShipper(db, local_storage, tmp_path / "spool", opts)
+    await shipper.start()
+    gen = shipper.status()["generation"]
+    log = tmp_path / "w.log"
+    writer = start_writer(
+        db,
+        log,
+        "--seed",
+        "7",
+        "--count",
+        "250",
+        "--rate",
+        "300",
+        "--checkpoint-every",
+        "25",
+        "--vacuum-every",
+        "90",
+    )
+    try:
+        await asyncio.to_thread(writer.wait, 60)
+        assert writer.returncode == 0
+        assert await shipper.flush(10)
+        st = shipper.status()
+        assert st["checkpoints"] > 0
+        assert st["generation"] == gen, "a checkpoint must never break continuity"
+        assert st["last_error"] is None
+    finally:
+        writer.kill()
+        await shipper.stop()
+    # The WAL was kept small by our checkpoints (TRUNCATE once it passed the bound).
+    assert await asyncio.to_thread(wal_size, db) < 3 * 1024 * 1024
+    expected = logical_dump(replay(read_log(log)))
+    assert logical_dump(db) == expected
+    assert await restore_latest(local_storage, tmp_path / "out.db") == expected
+
+
+async def test_restart_continues_generation(db: Path, tmp_path: Path, local_storage: LocalStorage) -> None:
+    # tinyserved keeps its connection open; otherwise the last connection to close deletes the
+    # WAL and a restarted shipper rightly cannot prove continuity.
+    app = sqlite3.connect(db)
+    app.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    spool = tmp_path / "spool"
+    first = WalShipper(db, local_storage, spool, fast_options())
+    await first.start()
+    gen = first.status()["generation"]
+    await asyncio.to_thread(commit_rows, db, 0, 20)
+    await first.stop()
+    await asyncio.to_thread(commit_rows, db, 20, 20)  # while no shipper runs
+    second = WalShipper(db, local_storage, spool, fast_options())
+    await second.start()
+    try:
+        assert second.status()["generation"] == gen
+        await asyncio.to_thread(commit_rows, db, 40, 20)
+        assert await second.flush(10)
+    finally:
+        await second.stop()
+    cat = await load_catalog(local_storage)
+    assert [g.id for g in cat] == [gen] and len(cat[0].snapshots) == 1
+    assert await restore_latest(local_storage, tmp_path / "out.db") == logical_dump(db)
+    app.close()
+
+
+async def test_wal_reset_while_down_starts_new_generation(
+    db: Path,
+    tmp_path: Path,
+    local_storage: LocalStorage,
+) -> None:
+    spool = tmp_path / "spool"
+    first = WalShipper(db, local_storage, spool, fast_options())
+    await first.start()
+    gen = first.status()["generation"]
+    await asyncio.to_thread(commit_rows, db, 0, 20)
+    await first.stop()
+    # While nobody watches, the application checkpoints and restarts the WAL: the frames we
+    # never saw are gone, so the next shipper cannot place what follows.
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("INSERT INTO kv VALUES ('unseen', x'00', 0)")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("INSERT INTO kv VALUES ('after', x'01', 1)")
+    conn.close()
+    second = WalShipper(db, local_storage, spool, fast_options())
+    await second.start()
+    try:
+        assert second.status()["generation"] != gen
+        await asyncio.to_thread(commit_rows, db, 20, 10)
+        assert await second.flush(10)
+    finally:
+        await second.stop()
+    assert len(await load_catalog(local_storage)) == 2
+    assert await restore_latest(local_storage, tmp_path / "out.db") == logical_dump(db)
+
+
+async def test_not_wal_mode_is_snapshot_only(
+    tmp_path: Path, local_storage: LocalStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    db = root / "state.db"
+    init_db(db, wal=False)
+    await asyncio.to_thread(commit_rows, db, 0, 10)
+    shipper = WalShipper(
+        db, local_storage, tmp_path / "spool", fast_options(snapshot_interval=0.3, poll_interval=0.05)
+    )
+    await shipper.start()
+    try:
+        st = shipper.status()
+        assert st["state"] == "snapshot_only" and st["wal_mode"] is False
+        await wait_for(lambda: shipper.status()["uploaded_objects"] >= 1, 5, "a snapshot")
+        await asyncio.to_thread(commit_rows, db, 10, 10)
+        await wait_for(lambda: shipper.status()["uploaded_objects"] >= 3, 10, "periodic snapshots")
+    finally:
+        await shipper.stop()
+    assert await asyncio.to_thread(wal_size, db) == -1
+    assert await restore_latest(local_storage, tmp_path / "out.db") == logical_dump(db)
+
+
+# ---- lease ---------------------------------------------------------------------------------
+
+
+async def test_second_shipper_on_prefix_refuses(db: Path, tmp_path: Path, s3_storage: S3Storage) -> None:
+    first = WalShipper(db, s3_storage, tmp_path / "spool1", fast_options())
+    await first.start()
+    try:
+        other = WalShipper(db, s3_storage, tmp_path / "spool2", fast_options())
+        with pytest.raises(LeaseHeldError) as exc:
+            await other.start()
+        assert "another WAL shipper holds the lease" in exc.value.message
+        assert f"pid {os.getpid()}" in exc.value.message
+        assert other.status()["state"] == "stopped"
+        # Same machine, same spool: refused before touching the bucket.
+        same = WalShipper(db, s3_storage, tmp_path / "spool1", fast_options())
+        with pytest.raises(LeaseHeldError, match="spool"):
+            await same.start()
+        # The first one is unaffected.
+        await asyncio.to_thread(commit_rows, db, 0, 5)
+        assert await first.flush(10)
+    finally:
+        await first.stop()
+    assert await restore_latest(s3_storage, tmp_path / "out.db") == logical_dump(db)
+
+
+async def test_stale_leases_are_taken_over(db: Path, tmp_path: Path, local_storage: LocalStorage) -> None:
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    await local_storage.put_bytes(
+        LEASE_KEY,
+        json.dumps(
+            {"holder": "elsewhere:1:x", "host": "elsewhere", "pid": 1, "expires_at": format_ts(past)}
+        ).encode(),
+    )
+    s1 = WalShipper(db, local_storage, tmp_path / "spool", fast_options())
+    await s1.start()
+    assert json.loads(await local_storage.get_bytes(LEASE_KEY))["holder"] == s1.holder_id
+    await s1.stop()
+    # Not expired, but its holder is a dead process on this host (a kill -9).
+    dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await dead.wait()
+    future = datetime.now(UTC) + timedelta(hours=1)
+    await local_storage.put_bytes(
+        LEASE_KEY,
+        json.dumps(
+            {"holder": "x", "host": os.uname().nodename, "pid": dead.pid, "expires_at": format_ts(future)}
+        ).encode(),
+    )
+    s2 = WalShipper(db, local_storage, tmp_path / "spool", fast_options())
+    await s2.start()
+    assert json.loads(await local_storage.get_bytes(LEASE_KEY))["holder"] == s2.holder_id
+    await s2.stop()
+
+
+async def test_lease_taken_by_another_fences_the_shipper(
+    db: Path, tmp_path: Path, local_storage: LocalStorage
+) -> None:
+    shipper = WalShipper(db, local_storage, tmp_path / "spool", fast_options(lease_ttl=0.3))
+    await shipper.start()
+    try:
+        await local_storage.put_bytes(
+            LEASE_KEY,
+            json.dumps(
+                {
+                    "holder": "intruder:2:y",
+                    "host": "intruder",
+                    "pid": 2,
+                    "expires_at": format_ts(datetime.now(UTC) + timedelta(hours=1)),
+                }
+            ).encode(),
+        )
+        await asyncio.sleep(0.15)  # past the renewal point (ttl/3)
+        await asyncio.to_thread(commit_rows, db, 0, 3)
+        await wait_for(lambda: shipper.status()["state"] == "fenced", 5, "the shipper to stop")
+        assert "intruder" in (shipper.status()["last_error"] or "")
+    finally:
+        await shipper.stop(grace_seconds=1)
+    # It did not delete the other holder's lease on its way out.
+    assert json.loads(await local_storage.get_bytes(LEASE_KEY))["holder"] == "intruder:2:y"
+
+
+# ---- outages, spool, crashes ---------------------------------------------------------------
+
+
+OUTAGE_SECONDS = float(os.environ.get("TSB_WAL_OUTAGE_SECONDS", "6"))
+
+
+async def test_storage_outage_loses_nothing(
+    db: Path,
+    tmp_path: Path,
+    fault_proxy: FaultProxy,
+    proxied_storage: S3Storage,
+) -> None:
+    """Storage unreachable for a while (set TSB_WAL_OUTAGE_SECONDS=20 for the issue's figure)."""
+    shipper = WalShipper(db, proxied_storage, tmp_path / "spool", fast_options())
+    await shipper.start()
+    gen = shipper.status()["generation"]
+    log = tmp_path / "w.log"
+    writer = start_writer(
+        db,
+        log,
+        "--seed",
+        "3",
+        "--rate",
+        "40",
+        "--duration",
+        str(OUTAGE_SECONDS + 2),
+        "--checkpoint-every",
+        "40",
+    )
+    try:
+        await wait_for(lambda: log_lines(log) > 10, 10, "the writer")
+        assert await shipper.flush(10)
+        fault_proxy.cut()
+        cut_at = time.monotonic()
+        await wait_for(lambda: shipper.status()["spool_bytes"] > 0, 5, "spooling")
+        await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - cut_at)))
+        st = shipper.status()
+        assert st["spool_objects"] > 0 and st["last_error"] and st["lag_seconds"] > 0
+        fault_proxy.heal()
+        await asyncio.to_thread(writer.wait, 30)
+        assert await shipper.flush(20)
+        assert shipper.status()["generation"] == gen
+    finally:
+        writer.kill()
+        await shipper.stop()
+    assert await restore_latest(proxied_storage, tmp_path / "out.db") == logical_dump(replay(read_log(log)))
+
+
+async def test_spool_overflow_starts_new_generation(
+    db: Path,
+    tmp_path: Path,
+    fault_proxy: FaultProxy,
+    proxied_storage: S3Storage,
+) -> None:
+    shipper = WalShipper(db, proxied_storage, tmp_path / "spool", fast_options(spool_max_bytes=60_000))
+    await shipper.start()
+    gen = shipper.status()["generation"]
+    try:
+        assert await shipper.flush(10)
+        fault_proxy.cut()
+        for i in range(10):
+            await asyncio.to_thread(commit_rows, db, i * 10, 10, 4000)
+            await asyncio.sleep(0.06)
+        await wait_for(lambda: shipper.status()["spool_dropped"] == 1, 10, "the spool overflow")
+        st = shipper.status()
+        assert "spool passed its bound" in st["continuity_lost"] and st["spool_bytes"] == 0
+        await asyncio.to_thread(commit_rows, db, 100, 5)
+        fault_proxy.heal()
+        await wait_for(
+            lambda: shipper.status()["generation"] != gen and shipper.status()["continuity_lost"] is None,
+            15,
+            "a new generation",
+        )
+        await asyncio.to_thread(commit_rows, db, 105, 5)
+        assert await shipper.flush(15)
+    finally:
+        await shipper.stop()
+    assert await restore_latest(proxied_storage, tmp_path / "out.db") == logical_dump(db)
+
+
+async def test_kill_9_loses_nothing(db: Path, tmp_path: Path, s3_server: MotoServer, bucket: str) -> None:
+    spool = tmp_path / "spool"
+    ship_out = tmp_path / "ship.out"
+    ship = start_helper(ship_out, "ship", str(db), str(spool), "--s3", s3_server.endpoint, bucket, "tb")
+    storage = S3Storage(s3_settings(s3_server.endpoint, bucket))
+    log = tmp_path / "w.log"
+    stop_file = tmp_path / "stop"
+    writer = None
+    try:
+        await wait_for(lambda: has_line(ship_out, "READY"), 20, "the shipper process")
+        writer = start_writer(
+            db, log, "--seed", "11", "--rate", "60", "--stop-file", str(stop_file), "--checkpoint-every", "50"
+        )
+        await wait_for(lambda: log_lines(log) > 120, 20, "two seconds of commits")
+        os.kill(ship.pid, signal.SIGKILL)
+        killed_at = time.time()
+        ship.wait(10)
+        # Every commit made at least a second before the kill is in the bucket.
+        out = tmp_path / "after-kill.db"
+        await restore_point_in_time(storage, None, out)
+        entries = read_log(log)
+        old = [e for e in entries if e["t1"] <= killed_at - 1.0]
+        assert len(old) > 50
+        restored = logical_dump(out)
+        n = next(
+            (k for k in range(len(old), len(entries) + 1) if logical_dump(replay(entries[:k])) == restored),
+            None,
+        )
+        assert n is not None, "the restore is not any committed state at or after kill - 1 s"
+        # A new shipper (the crashed one's lease is taken over: its pid is dead) continues.
+        shipper = WalShipper(db, storage, spool, fast_options())
+        await shipper.start()
+        try:
+            await wait_for(lambda: log_lines(log) > len(entries) + 30, 20, "more commits")
+            stop_file.touch()
+            await asyncio.to_thread(writer.wait, 20)
+            assert await shipper.flush(15)
+        finally:
+            await shipper.stop()
+        assert await restore_latest(storage, tmp_path / "final.db") == logical_dump(replay(read_log(log)))
+    finally:
+        for p in (ship, writer):
+            if p is not None and p.poll() is None:
+                p.kill()
+        await storage.close()
+
+
+# ---- lag -----------------------------------------------------------------------------------
+
+
+async def test_lag_at_100_commits_per_second(db: Path, tmp_path: Path, s3_storage: S3Storage) -> None:
+    rec = RecordingStorage(s3_storage)
+    shipper = WalShipper(
+        db,
+        rec,
+        tmp_path / "spool",
+        fast_options(segment_interval=0.2),
+    )
+    await shipper.start()
+    log = tmp_path / "w.log"
+    try:
+        assert await shipper.flush(10)
+        writer = start_writer(db, log, "--seed", "5", "--rate", "100", "--duration", "3")
+        await asyncio.to_thread(writer.wait, 30)
+        assert await shipper.flush(10)
+    finally:
+        await shipper.stop()
+    # Map each commit (in order) to the segment that holds it, and so to its upload time.
+    done: list[float] = []
+    for key, t in sorted(rec.put_done.items()):
+        info = parse_wal_key(key)
+        if isinstance(info, SegmentInfo):
+            meta, _ = split_object(await s3_storage.get_bytes(key))
+            done += [t] * len(meta["commits"])
+    entries = read_log(log)
+    assert len(done) == len(entries)
+    lags = sorted(d - e["t1"] for d, e in zip(done, entries, strict=True))
+    p50, p99 = lags[len(lags) // 2], lags[int(len(lags) * 0.99)]
+    print(
+        f"commit-to-durable lag over {len(lags)} commits: p50 {p50:.3f}s p99 {p99:.3f}s "
+        f"max {lags[-1]:.3f}s, {len([k for k in rec.put_done if '/segments/' in k])} segments"
+    )
+    assert p99 < 1.0
+
+
+# ---- retention -----------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+async def test_prune_keeps_what_the_window_needs(
+    db: Path, tmp_path: Path, local_storage: LocalStorage
+) -> None:
+    clock = FakeClock()
+    spool = tmp_path / "spool"
+    # An old generation ...
+    old = WalShipper(db, local_storage, spool, fast_options(retention=None), clock)
+    await old.start()
+    await asyncio.to_thread(commit_rows, db, 0, 5)
+    await old.stop()
+    await asyncio.to_thread(
+        Path(f"{db}-wal").unlink
+    )  # continuity is lost: the next start is a new generation
+    clock.offset += timedelta(hours=2)
+    # ... and a current one with a second snapshot ten hours in.
+    opts = fast_options(retention=None, snapshot_interval=8 * 3600, poll_interval=0.05)
+    cur = WalShipper(db, local_storage, spool, opts, clock)
+    await cur.start()
+    try:
+        await asyncio.to_thread(commit_rows, db, 5, 5)
+        assert await cur.flush(10)
+        clock.offset += timedelta(hours=10)
+        await wait_for(
+            lambda: (
+                cur.status()["segment_index"] > 0
+                and cur.status()["last_snapshot_at"] > cur.status()["generation_started_at"]
+            ),
+            5,
+            "a second snapshot",
+        )
+        await asyncio.to_thread(commit_rows, db, 10, 5)
+        assert await cur.flush(10)
+        cat = await load_catalog(local_storage)
+        assert len(cat) == 2 and len(cat[1].snapshots) == 2
+        gen = cur.status()["generation"]
+        now = clock() + timedelta(hours=25)  # the window starts after the second snapshot
+        doomed = await prune_wal(
+            local_storage, window=timedelta(hours=24), now=now, keep_generation=gen, dry_run=True
+        )
+        first_snap, second_snap = cat[1].snapshots
+        assert set(doomed) == (
+            {s.key for s in cat[0].snapshots}
+            | {s.key for s in cat[0].segments}
+            | {first_snap.key}
+            | {s.key for s in cat[1].segments if s.index < second_snap.index}
+        )
+        assert second_snap.key not in doomed
+        await prune_wal(local_storage, window=timedelta(hours=24), now=now, keep_generation=gen)
+        # Within the window (and latest) still restores; before the kept snapshot does not.
+        assert await restore_latest(local_storage, tmp_path / "out.db") == logical_dump(db)
+        with pytest.raises(BackupNotFoundError):
+            await restore_point_in_time(
+                local_storage, second_snap.taken_at - timedelta(seconds=1), tmp_path / "early.db"
+            )
+        # A window reaching back before every snapshot deletes nothing.
+        assert await prune_wal(local_storage, window=timedelta(days=30), now=now) == []
+    finally:
+        await cur.stop()
