@@ -338,6 +338,9 @@ def create_cmd(obj: Ctx, btype: str, names: tuple[str, ...], as_json: bool) -> N
     finally:
         if hasattr(progress, "close"):
             progress.close()
+    from .scheduler import note_manual_backup
+
+    note_manual_backup(cfg, result)
     if as_json:
         echo_json(result.to_json())
         return
@@ -515,6 +518,50 @@ def verify_cmd(obj: Ctx, timestamp: str | None, all_: bool, btype: str | None, d
                     f"{d['only_in_backup']} only in backup, {d['only_live']} only live"
                 )
     raise_if_damaged(checks)
+
+
+# --------------------------------------------------------------------------------------------
+# keygen
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command("keygen")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the private key (default: age-identity.txt beside the config file). "
+    "Never overwritten.",
+)
+@click.pass_obj
+def keygen_cmd(obj: Ctx, output: str | None) -> None:
+    """Create an age key pair for encrypting backups (prints the public recipient)."""
+    from .crypto import generate_keypair, write_new_identity
+
+    path = Path(output).expanduser() if output else obj.config_path.parent / "age-identity.txt"
+    path = path.absolute()
+    kp = generate_keypair()
+    write_new_identity(path, kp)
+    click.echo(f"Wrote a new age private key to {path} (mode 0600).")
+    click.echo("")
+    click.echo("Public recipient (not secret; backups are encrypted to it):")
+    click.echo(f"    {kp.recipient}")
+    click.echo("")
+    click.echo(
+        "IMPORTANT: store this private key somewhere other than this machine: a password manager\n"
+        "or another computer. Only it can decrypt the backups; if it exists only here and this\n"
+        "machine is lost, every encrypted backup is lost with it. Making backups needs only the\n"
+        "public recipient: once the key is copied away you may delete it here, unless you run\n"
+        f"`restore` or `verify` on this machine. (Show it with: cat {path})"
+    )
+    click.echo("")
+    click.echo(f"Add to the config file ({obj.config_path}):")
+    click.echo("")
+    click.echo("encryption:")
+    click.echo("  recipients:")
+    click.echo(f"    - {kp.recipient}")
+    click.echo(f"  identity_file: {path}")
 
 
 # --------------------------------------------------------------------------------------------
