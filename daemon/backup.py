@@ -303,7 +303,7 @@ class BackupJob:
         ts = await self._new_timestamp(btype)
         prefix = f"{btype}/{ts}/"
         started = self.now()
-        log.info("backup_started", type=btype, timestamp=ts, destination=self.storage.url)
+        log.info("backup_started", backup=f"{btype}/{ts}", destination=self.storage.url)
         tmp_base = self.cfg.state_dir / "tmp"
         await asyncio.to_thread(tmp_base.mkdir, parents=True, exist_ok=True, mode=0o700)
         tmpdir = tmp_base / f"backup-{ts}-{secrets.token_hex(4)}"
@@ -363,8 +363,7 @@ class BackupJob:
         dt = time.monotonic() - t0
         log.info(
             "backup_finished",
-            type=btype,
-            timestamp=ts,
+            backup=f"{btype}/{ts}",
             size_bytes=manifest.size_bytes,
             objects=len(entries),
             duration_s=round(dt, 2),

@@ -119,6 +119,12 @@ class Schedule(_Model):
     catch_up: bool = True
     lock_wait_seconds: float = Field(default=900, ge=0)
 
+    @field_validator("partial", "full", "services", mode="before")
+    @classmethod
+    def _off_is_none(cls, v: Any) -> Any:
+        # YAML reads a bare `off`/`no`/`false` as a boolean: all mean "not scheduled".
+        return None if v is False else v
+
     @field_validator("partial", "full", "services")
     @classmethod
     def _check_cron(cls, v: str | None) -> str | None:

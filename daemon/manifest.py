@@ -245,7 +245,7 @@ async def scan(storage: Storage, types: tuple[str, ...] = TYPES) -> Catalog:
             try:
                 m = parse_manifest(data, btype, ts, objs)
             except IntegrityError as exc:
-                log.warning("manifest_unreadable", type=btype, timestamp=ts, error=exc.message)
+                log.warning("manifest_unreadable", backup=f"{btype}/{ts}", error=exc.message)
                 return None
             return BackupRef(btype, ts, m)
 

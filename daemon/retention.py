@@ -148,12 +148,13 @@ async def prune(
         for u in uploads:
             await storage.abort_multipart(u.key, u.upload_id)
             log.info("prune_upload_aborted", key=u.key)
-    try:
-        from .wal import prune_wal  # type: ignore[attr-defined]
-    except ImportError:
-        prune_wal = None
-    if prune_wal is not None and cfg.wal.enabled:
-        report.wal = await prune_wal(storage, retention=timedelta(hours=cfg.wal.retention_hours), now=now, dry_run=dry_run)
+    if cfg.wal.enabled:
+        from .wal import prune_wal
+
+        wal_keys = await prune_wal(
+            storage, window=timedelta(hours=cfg.wal.retention_hours), now=now, dry_run=dry_run
+        )
+        report.wal = {"objects_deleted": len(wal_keys)}
     log.info(
         "prune_finished",
         deleted=len(report.deleted),

@@ -25,6 +25,11 @@ def test_defaults_follow_the_guide() -> None:
     assert cfg.destination.scheme == "file"
 
 
+def test_schedule_off_in_any_spelling() -> None:
+    cfg = parse_config("schedule:\n  full: off\n  partial: 'off'\n  services: false\n")
+    assert cfg.schedule.full is None and cfg.schedule.partial is None and cfg.schedule.services is None
+
+
 def test_env_and_home_expansion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MYROOT", str(tmp_path / "r"))
     cfg = parse_config("root: $MYROOT/x\nlogging:\n  file: ~/l.log\n")
