@@ -255,7 +255,7 @@ class BackupJob:
         encryption = None
         name = art.name
         if self.encryptor is not None:
-            body = self.encryptor.encrypt_stream(body)
+            body = self.encryptor.encrypt_stream(body, what=art.name)
             encryption = "age"
             name += ".age"
         self.progress.start(art.name, art.estimate)

@@ -506,9 +506,10 @@ def verify_cmd(obj: Ctx, timestamp: str | None, all_: bool, btype: str | None, d
         echo_json([c.to_json() for c in checks])
     else:
         for c in checks:
-            click.echo(f"{c.type} {c.timestamp}: {'OK' if c.ok else 'DAMAGED'}")
+            state = "OK" if c.ok else "NOT CHECKED (key)" if all(o.ok or o.key_problem for o in c.objects) else "DAMAGED"
+            click.echo(f"{c.type} {c.timestamp}: {state}")
             for o in c.objects:
-                mark = "ok " if o.ok else "BAD"
+                mark = "ok " if o.ok else "KEY" if o.key_problem else "BAD"
                 note = "" if o.verified else " (unverified: no checksum in a guide-made manifest)"
                 click.echo(f"  [{mark}] {o.name}: {o.detail}{note}")
             if c.deep:

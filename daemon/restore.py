@@ -194,7 +194,7 @@ class RestoreJob:
                     f"{e.name} is encrypted and no identity is configured",
                     "set `encryption.identity_file` to your age private key",
                 )
-            stream = self.decryptor.decrypt_stream(stream)
+            stream = self.decryptor.decrypt_stream(stream, what=e.name)
         return stream
 
     async def stage(self, plan: RestorePlan, staging: Path) -> list[StagedItem]:

@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from .archive import HashingStream, extract_stream, test_decompress
-from .errors import BackupError, IntegrityError
+from .errors import BackupError, EncryptionError, IntegrityError
 from .manifest import BackupRef, ObjectEntry
 from .restore import entry_sources
 from .snapshot import integrity_check
@@ -29,6 +29,7 @@ class ObjectCheck:
     ok: bool
     detail: str
     verified: bool  # False when there was no checksum to compare (guide-made)
+    key_problem: bool = False  # could not be checked: no identity, or not the right one
 
 
 @dataclass
@@ -61,8 +62,8 @@ async def _check_object(
         stream: Any = hs
         if e.encryption:
             if decryptor is None:
-                return ObjectCheck(e.name, False, "encrypted and no identity configured", False)
-            stream = decryptor.decrypt_stream(stream)
+                return ObjectCheck(e.name, False, "encrypted and no identity configured", True, True)
+            stream = decryptor.decrypt_stream(stream, what=e.name)
         detail = ""
         if e.kind == "tar":
             if deep_dir is not None:
@@ -93,6 +94,8 @@ async def _check_object(
         if e.sha256 and hs.sha256 != e.sha256:
             return ObjectCheck(e.name, False, "sha256 does not match the manifest", True)
         return ObjectCheck(e.name, True, detail, bool(e.sha256))
+    except EncryptionError as exc:
+        return ObjectCheck(e.name, False, exc.message, bool(e.sha256), True)
     except BackupError as exc:
         return ObjectCheck(e.name, False, exc.message, bool(e.sha256))
 
@@ -145,9 +148,20 @@ def compare_trees(restored: Path, live: Path) -> dict[str, Any]:
 
 
 def raise_if_damaged(checks: list[BackupCheck]) -> None:
-    bad = [f"{c.type}/{c.timestamp}/{o.name} ({o.detail})" for c in checks for o in c.objects if not o.ok]
+    bad = [
+        f"{c.type}/{c.timestamp}/{o.name} ({o.detail})"
+        for c in checks
+        for o in c.objects
+        if not o.ok and not o.key_problem
+    ]
+    unchecked = [f"{c.type}/{c.timestamp}/{o.name}" for c in checks for o in c.objects if o.key_problem]
     if bad:
         raise IntegrityError(
             f"{len(bad)} damaged object(s): " + "; ".join(bad[:5]) + (" …" if len(bad) > 5 else ""),
             "restore from another backup and take a new one",
+        )
+    if unchecked:
+        raise EncryptionError(
+            f"{len(unchecked)} encrypted object(s) could not be checked: " + "; ".join(unchecked[:3])
+            + (" …" if len(unchecked) > 3 else "")
         )

@@ -156,7 +156,13 @@ async def test_full_backup_encrypts_every_object_and_restores_exactly(
     assert [r.summary()["encrypted"] for r in refs] == [True]
 
     # verify needs the key, and passes with it
-    assert not (await verify_backup(s3_storage, refs[0])).ok
+    no_key = await verify_backup(s3_storage, refs[0])
+    assert not no_key.ok and all(o.key_problem for o in no_key.objects)
+    from daemon.errors import EncryptionError
+    from daemon.verify import raise_if_damaged
+
+    with pytest.raises(EncryptionError, match="could not be checked"):
+        raise_if_damaged([no_key])
     assert (await verify_backup(s3_storage, refs[0], decryptor=decryptor_from_config(cfg))).ok
 
     # restore into a wiped root (and a wiped Docker store)
