@@ -27,8 +27,8 @@ from .errors import BackupError, UsageError
 from .manifest import Manifest, ObjectEntry, format_ts
 from .service import run_command, tinyserve_version
 from .snapshot import snapshot_database
-from .streams import compress_stream, compressed_file_stream
 from .storage import Storage
+from .streams import compress_stream, compressed_file_stream
 
 log = structlog.get_logger(__name__)
 
@@ -137,7 +137,9 @@ def list_services(root: Path) -> list[str]:
         return []
     # `<name>.pre-restore` is what a restore moved aside, not a service of its own.
     return sorted(
-        e.name for e in d.iterdir() if e.is_dir() and not e.is_symlink() and not e.name.endswith(".pre-restore")
+        e.name
+        for e in d.iterdir()
+        if e.is_dir() and not e.is_symlink() and not e.name.endswith(".pre-restore")
     )
 
 
@@ -175,9 +177,7 @@ class BackupJob:
                 def db_stream() -> AsyncIterator[bytes]:
                     return compressed_file_stream(snap, level=level, threads=threads)
 
-                arts.append(
-                    Artifact("state.db.zst", "sqlite", ["state.db"], "zstd", db_stream, service=None)
-                )
+                arts.append(Artifact("state.db.zst", "sqlite", ["state.db"], "zstd", db_stream, service=None))
             else:
                 log.warning("database_missing", path=str(db))
             present = [d for d in CONFIG_DIRS if (root / d).exists()]
@@ -224,7 +224,7 @@ class BackupJob:
         def produce() -> AsyncIterator[bytes]:
             stream = archive_stream(self.root, members, codec="zstd", level=level, threads=threads)
             art.stats = getattr(stream, "stats", None)
-            return stream  # type: ignore[no-any-return]
+            return stream
 
         art.produce = produce
         return art
@@ -278,11 +278,11 @@ class BackupJob:
     async def _hook(self, service: str, which: str) -> None:
         hooks = self.cfg.hooks.get(service)
         cmd = getattr(hooks, which, None) if hooks else None
-        if not cmd:
+        if hooks is None or not cmd:
             return
         env = {"TINYSERVE_ROOT": str(self.root), "TINYSERVE_SERVICE": service}
         code, out = await run_command(
-            cmd, timeout=hooks.timeout_seconds, what=f"hooks.{service}.{which}", env=env  # type: ignore[union-attr]
+            cmd, timeout_s=hooks.timeout_seconds, what=f"hooks.{service}.{which}", env=env
         )
         log.info("hook_ran", service=service, hook=which, code=code)
         if code != 0:

@@ -195,7 +195,11 @@ def _existing_prefix(path: Path) -> str | None:
         cfg = load_config(path)
     except ConfigError:
         return None
-    return cfg.destination.url[5:].split("/", 1)[1] if cfg.destination.scheme == "s3" and "/" in cfg.destination.url[5:] else None
+    return (
+        cfg.destination.url[5:].split("/", 1)[1]
+        if cfg.destination.scheme == "s3" and "/" in cfg.destination.url[5:]
+        else None
+    )
 
 
 async def _check_access(cfg: Config) -> None:
@@ -327,8 +331,9 @@ def create_cmd(obj: Ctx, btype: str, names: tuple[str, ...], as_json: bool) -> N
     progress = make_progress(as_json)
 
     async def go() -> Any:
-        async with storage_from_config(cfg) as st, root_lock(
-            cfg.root, f"create --{btype}", wait=cfg.schedule.lock_wait_seconds
+        async with (
+            storage_from_config(cfg) as st,
+            root_lock(cfg.root, f"create --{btype}", wait=cfg.schedule.lock_wait_seconds),
         ):
             job = BackupJob(cfg, st, progress=progress, encryptor=encryptor_from_config(cfg))
             return await job.run(btype, list(names) or None)
@@ -364,8 +369,9 @@ def prune_cmd(obj: Ctx, dry_run: bool, as_json: bool) -> None:
     from .storage import storage_from_config
 
     async def go() -> Any:
-        async with storage_from_config(cfg) as st, root_lock(
-            cfg.root, "prune", wait=cfg.schedule.lock_wait_seconds
+        async with (
+            storage_from_config(cfg) as st,
+            root_lock(cfg.root, "prune", wait=cfg.schedule.lock_wait_seconds),
         ):
             return await prune(cfg, st, dry_run=dry_run)
 
@@ -399,7 +405,9 @@ def prune_cmd(obj: Ctx, dry_run: bool, as_json: bool) -> None:
 @click.option("--service", "services", multiple=True, help="Restore only this service's data (repeatable).")
 @click.option("--at", "at", help="Point-in-time restore of state.db to this RFC 3339 time.")
 @click.option("--latest", is_flag=True, help="Point-in-time restore of state.db to the newest commit.")
-@click.option("--output", type=click.Path(dir_okay=False), help="With --at/--latest: write the database here.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False), help="With --at/--latest: write the database here."
+)
 @click.option("--yes", is_flag=True, help="Do not ask; required without a terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
@@ -419,9 +427,7 @@ def restore_cmd(
     if at or latest:
         if timestamp or btype or services:
             raise UsageError("--at/--latest restore state.db from the WAL; they take no TIMESTAMP or type")
-        from .pitr_cli import restore_pitr
-
-        restore_pitr(obj, cfg, at=at, latest=latest, output=output, yes=yes, as_json=as_json)
+        _restore_pitr(cfg, at=at, output=output, yes=yes, as_json=as_json)
         return
     if not timestamp:
         raise UsageError("which backup?", "pass a TIMESTAMP from `tinyserve-backup list`, or --at/--latest")
@@ -429,7 +435,9 @@ def restore_cmd(
         raise UsageError("--output only goes with --at/--latest")
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
     if not yes and not interactive:
-        raise UsageError("restore replaces live data and needs confirmation", "run it in a terminal or add --yes")
+        raise UsageError(
+            "restore replaces live data and needs confirmation", "run it in a terminal or add --yes"
+        )
     from .crypto import decryptor_from_config
     from .lock import root_lock
     from .restore import RestoreJob, RestorePlan
@@ -445,8 +453,9 @@ def restore_cmd(
     progress = make_progress(as_json)
 
     async def go() -> Any:
-        async with storage_from_config(cfg) as st, root_lock(
-            cfg.root, f"restore {timestamp}", wait=cfg.schedule.lock_wait_seconds
+        async with (
+            storage_from_config(cfg) as st,
+            root_lock(cfg.root, f"restore {timestamp}", wait=cfg.schedule.lock_wait_seconds),
         ):
             job = RestoreJob(
                 cfg, st, decryptor=decryptor_from_config(cfg), progress=progress, confirm=confirm
@@ -471,6 +480,62 @@ def restore_cmd(
     click.echo(f"Database integrity: {result.integrity}")
 
 
+def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool, as_json: bool) -> None:
+    """Point-in-time restore of state.db: to a file (`--output`), or in place like a backup restore."""
+    from .crypto import decryptor_from_config
+    from .lock import root_lock
+    from .pitr import parse_rfc3339, restore_point_in_time
+    from .restore import swap_database
+    from .storage import storage_from_config
+
+    target = parse_rfc3339(at) if at else None
+    out_path = Path(output).expanduser() if output else None
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    if output is None and not yes and not interactive:
+        raise UsageError(
+            "restoring state.db in place needs confirmation",
+            "run it in a terminal, add --yes, or use --output FILE",
+        )
+    decryptor = decryptor_from_config(cfg)
+
+    async def go() -> dict[str, Any]:
+        async with storage_from_config(cfg) as st:
+            if out_path is not None:
+                res = await restore_point_in_time(st, target, out_path, decryptor)
+                return res.as_dict()
+            async with root_lock(cfg.root, "restore --at", wait=cfg.schedule.lock_wait_seconds):
+                await asyncio.to_thread(cfg.root.mkdir, parents=True, exist_ok=True)
+                staged = cfg.root / f".state.db.pitr-{os.getpid()}"
+                try:
+                    res = await restore_point_in_time(st, target, staged, decryptor)
+                    if not yes:
+                        click.echo(
+                            f"Verified: state.db as of {res.as_dict()['restored_to']}. This stops tinyserved "
+                            f"and replaces {cfg.root / 'state.db'} (kept as state.db.pre-restore).",
+                            err=True,
+                        )
+                        if not await asyncio.to_thread(click.confirm, "Continue?", default=False, err=True):
+                            from .errors import RestoreError
+
+                            raise RestoreError("restore cancelled; nothing was changed", "")
+                    aside = await swap_database(cfg, staged)
+                finally:
+                    await asyncio.to_thread(staged.unlink, True)
+                d = res.as_dict()
+                d["output"] = str(cfg.root / "state.db")
+                d["kept_aside"] = aside
+                return d
+
+    result = run_async(go)
+    if as_json:
+        echo_json(result)
+        return
+    click.echo(
+        f"state.db restored to {result['restored_to']} (generation {result['generation']}, "
+        f"{result['commits_applied']} commits replayed) -> {result['output']}"
+    )
+
+
 @cli.command("verify")
 @click.argument("timestamp", required=False)
 @click.option("--all", "all_", is_flag=True, help="Verify every complete backup.")
@@ -478,7 +543,9 @@ def restore_cmd(
 @click.option("--deep", is_flag=True, help="Also restore into a temporary directory and compare.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
-def verify_cmd(obj: Ctx, timestamp: str | None, all_: bool, btype: str | None, deep: bool, as_json: bool) -> None:
+def verify_cmd(
+    obj: Ctx, timestamp: str | None, all_: bool, btype: str | None, deep: bool, as_json: bool
+) -> None:
     """Download and check backups against their manifests (default: the newest one)."""
     cfg = obj.config()
     from .crypto import decryptor_from_config
@@ -497,7 +564,9 @@ def verify_cmd(obj: Ctx, timestamp: str | None, all_: bool, btype: str | None, d
             if not refs:
                 from .errors import BackupNotFoundError
 
-                raise BackupNotFoundError("there are no backups to verify", "create one with `tinyserve-backup create`")
+                raise BackupNotFoundError(
+                    "there are no backups to verify", "create one with `tinyserve-backup create`"
+                )
             dec = decryptor_from_config(cfg)
             return [await verify_backup(st, r, decryptor=dec, deep=deep, live_root=cfg.root) for r in refs]
 
@@ -506,7 +575,13 @@ def verify_cmd(obj: Ctx, timestamp: str | None, all_: bool, btype: str | None, d
         echo_json([c.to_json() for c in checks])
     else:
         for c in checks:
-            state = "OK" if c.ok else "NOT CHECKED (key)" if all(o.ok or o.key_problem for o in c.objects) else "DAMAGED"
+            state = (
+                "OK"
+                if c.ok
+                else "NOT CHECKED (key)"
+                if all(o.ok or o.key_problem for o in c.objects)
+                else "DAMAGED"
+            )
             click.echo(f"{c.type} {c.timestamp}: {state}")
             for o in c.objects:
                 mark = "ok " if o.ok else "KEY" if o.key_problem else "BAD"
@@ -587,7 +662,9 @@ def logs_cmd(obj: Ctx, follow: bool, as_json: bool, level: str, event: str | Non
         click.echo(f"No log yet at {path}.", err=True)
         return
     try:
-        for line in read_log_lines(path, follow=follow, level=level, event=event, raw_json=as_json, tail=lines):
+        for line in read_log_lines(
+            path, follow=follow, level=level, event=event, raw_json=as_json, tail=lines
+        ):
             click.echo(line)
     except KeyboardInterrupt:
         pass

@@ -58,9 +58,7 @@ class Destination(_Model):
         v = expand(v.strip())
         scheme = v.split("://", 1)[0] if "://" in v else ""
         if scheme not in ("s3", "file"):
-            raise ValueError(
-                f"unknown destination scheme in {v!r}: use s3://bucket/prefix or file:///path"
-            )
+            raise ValueError(f"unknown destination scheme in {v!r}: use s3://bucket/prefix or file:///path")
         if scheme == "s3" and not v[5:].split("/", 1)[0]:
             raise ValueError("s3:// URL needs a bucket name: s3://bucket/prefix")
         if scheme == "file" and not v[7:].startswith("/"):
@@ -222,9 +220,7 @@ class Alerts(_Model):
     healthchecks_url: str | None = None
     webhook_url: str | None = None
     macos_notifications: bool = True
-    stale_after_hours: dict[str, float] = Field(
-        default_factory=lambda: {"partial": 36.0, "full": 192.0}
-    )
+    stale_after_hours: dict[str, float] = Field(default_factory=lambda: {"partial": 36.0, "full": 192.0})
     timeout_seconds: float = Field(default=10, gt=0)
 
 
@@ -333,7 +329,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         elif getattr(ann, "__origin__", None) is dict:
-            model = ann.__args__[1]
+            model = ann.__args__[1]  # type: ignore[union-attr]
             # the next part is the dict key (a service name); skip it
             continue
         else:
@@ -354,8 +350,10 @@ def _friendly(exc: ValidationError, text: str, where: str) -> ConfigError:
             model = Hooks
         choices = [k for k in (model.model_fields if model else {}) if k != "source"]
         guess = difflib.get_close_matches(str(loc[-1]), choices, n=1)
-        hint = f"did you mean `{'.'.join([*map(str, parent), guess[0]])}`?" if guess else (
-            f"known keys here: {', '.join(sorted(choices))}"
+        hint = (
+            f"did you mean `{'.'.join([*map(str, parent), guess[0]])}`?"
+            if guess
+            else (f"known keys here: {', '.join(sorted(choices))}")
         )
         return ConfigError(f"unknown config key `{dotted}` ({at})", hint)
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")

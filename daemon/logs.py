@@ -7,6 +7,7 @@ registered secret value wherever it appears, and tracebacks are rendered without
 from __future__ import annotations
 
 import fnmatch
+import io
 import json
 import logging
 import logging.handlers
@@ -72,10 +73,10 @@ def _exc_to_dict() -> Any:
 
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    def _open(self) -> TextIO:
+    def _open(self) -> io.TextIOWrapper:
         # Logs can name hosts and paths; keep them private to the user like the config.
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8")
+        return open(fd, "a", encoding=self.encoding or "utf-8")
 
 
 def setup_logging(
@@ -155,9 +156,7 @@ def format_record(rec: dict[str, Any]) -> str:
     ts = str(rec.get("timestamp", ""))[:23].replace("T", " ")
     level = str(rec.get("level", "info")).upper()
     event = rec.get("event", "")
-    rest = " ".join(
-        f"{k}={v}" for k, v in rec.items() if k not in ("timestamp", "level", "event", "logger")
-    )
+    rest = " ".join(f"{k}={v}" for k, v in rec.items() if k not in ("timestamp", "level", "event", "logger"))
     return f"{ts} {level:<7} {event} {rest}".rstrip()
 
 

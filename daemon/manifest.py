@@ -171,9 +171,7 @@ def parse_manifest(data: bytes, btype: str, ts: str, listing: list[ObjectInfo] |
         )
     # The guide's manifest: what exists is what was uploaded (its `files` list is not reliable:
     # it names services.tar.gz and images.tar.gz even when they were never made).
-    objects = [
-        _guess_entry(o) for o in (listing or []) if not o.key.endswith("/" + MANIFEST)
-    ]
+    objects = [_guess_entry(o) for o in (listing or []) if not o.key.endswith("/" + MANIFEST)]
     return Manifest(
         type=str(doc.get("type", btype)),
         timestamp=str(doc.get("timestamp", ts)),
@@ -230,6 +228,7 @@ async def scan(storage: Storage, types: tuple[str, ...] = TYPES) -> Catalog:
     complete: list[BackupRef] = []
     incomplete: list[tuple[str, str, datetime, list[str]]] = []
     listings = await asyncio.gather(*(storage.list(f"{t}/") for t in types))
+    sem = asyncio.Semaphore(8)
     for btype, listing in zip(types, listings, strict=True):
         by_ts: dict[str, list[ObjectInfo]] = {}
         for o in listing:
@@ -237,7 +236,6 @@ async def scan(storage: Storage, types: tuple[str, ...] = TYPES) -> Catalog:
             if len(parts) < 3 or not TS_RE.match(parts[1]):
                 continue
             by_ts.setdefault(parts[1], []).append(o)
-        sem = asyncio.Semaphore(8)
 
         async def read(ts: str, objs: list[ObjectInfo], btype: str = btype) -> BackupRef | None:
             async with sem:
@@ -279,7 +277,5 @@ async def find_backup(storage: Storage, ts: str, btype: str | None = None) -> Ba
         raise BackupNotFoundError(f"no {what} with timestamp {ts}")
     if len(refs) > 1:
         kinds = ", ".join(f"--{r.type}" for r in refs)
-        raise BackupNotFoundError(
-            f"more than one backup has timestamp {ts}", f"say which one with {kinds}"
-        )
+        raise BackupNotFoundError(f"more than one backup has timestamp {ts}", f"say which one with {kinds}")
     return refs[0]

@@ -24,11 +24,11 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
-from .archive import HashingStream, extract_stream
+from .archive import CODECS, Codec, HashingStream, extract_stream
 from .backup import CONFIG_DIRS, NoProgress, Progress
 from .config import Config
 from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
@@ -126,10 +126,10 @@ class RestoreJob:
         m = ref.manifest
         if services:
             if ref.type == "partial":
-                raise UsageError(f"backup {ts} is partial and holds no service data", "pick a full or services backup")
-            have = set(m.services) or {
-                e.service for e in m.objects if e.service
-            }
+                raise UsageError(
+                    f"backup {ts} is partial and holds no service data", "pick a full or services backup"
+                )
+            have = set(m.services) or {e.service for e in m.objects if e.service}
             guide_all = next((e for e in m.objects if e.name.startswith("services.tar")), None)
             if guide_all is None:
                 missing = sorted(set(services) - have)
@@ -141,8 +141,9 @@ class RestoreJob:
                 entries = [e for e in m.objects if e.service in services]
             else:
                 entries = [guide_all]
-            items = [f"services/{s}" for s in sorted(services)]
-            return RestorePlan(ref, entries, sorted(services), m.guide, items)
+            return RestorePlan(
+                ref, entries, sorted(services), m.guide, [f"services/{s}" for s in sorted(services)]
+            )
         entries = [e for e in m.objects if e.kind != "wal-copy"]
         if any(e.kind == "wal-copy" for e in m.objects):
             self.warnings.append(
@@ -221,7 +222,7 @@ class RestoreJob:
                     await extract_stream(
                         self._decoded(plan, e),
                         tree,
-                        codec=e.codec if e.codec in ("zstd", "gzip", "none") else "auto",  # type: ignore[arg-type]
+                        codec=cast(Codec, e.codec) if e.codec in CODECS else "auto",
                         allowed_top=allowed or None,
                         select_top=select,
                     )

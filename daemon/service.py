@@ -14,7 +14,7 @@ log = structlog.get_logger(__name__)
 
 
 async def run_command(
-    argv: list[str] | str, *, timeout: float, what: str, env: dict[str, str] | None = None
+    argv: list[str] | str, *, timeout_s: float, what: str, env: dict[str, str] | None = None
 ) -> tuple[int, str]:
     """Run a configured command (argv list, or a string for `sh -c`); returns (code, output tail)."""
     if isinstance(argv, str):
@@ -23,8 +23,10 @@ async def run_command(
         cmd = list(argv)
     if not cmd:
         return 0, ""
-    if shutil.which(cmd[0]) is None and not os.path.exists(cmd[0]):
-        raise ServiceControlError(f"{what}: command {cmd[0]!r} not found", f"install it or fix the {what} command")
+    if not await asyncio.to_thread(_resolvable, cmd[0]):
+        raise ServiceControlError(
+            f"{what}: command {cmd[0]!r} not found", f"install it or fix the {what} command"
+        )
     proc = await asyncio.create_subprocess_exec(
         *cmd,
         stdin=asyncio.subprocess.DEVNULL,
@@ -34,17 +36,21 @@ async def run_command(
         start_new_session=True,
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise ServiceControlError(f"{what} did not finish within {timeout:.0f} s") from None
+        raise ServiceControlError(f"{what} did not finish within {timeout_s:.0f} s") from None
     except asyncio.CancelledError:
         proc.kill()
         await proc.wait()
         raise
     text = out.decode(errors="replace").strip()
     return proc.returncode or 0, text[-2000:]
+
+
+def _resolvable(program: str) -> bool:
+    return shutil.which(program) is not None or os.path.exists(program)
 
 
 class Tinyserved:
@@ -65,7 +71,7 @@ class Tinyserved:
         if not self.stop_cmd:
             log.info("tinyserved_stop_skipped", reason="no stop command configured")
             return
-        code, out = await run_command(self.stop_cmd, timeout=self.timeout, what="tinyserved.stop")
+        code, out = await run_command(self.stop_cmd, timeout_s=self.timeout, what="tinyserved.stop")
         # launchctl bootout of a service that is not loaded fails; that is the state we want.
         if code != 0:
             log.warning("tinyserved_stop_nonzero", code=code, output=out[-300:])
@@ -76,7 +82,7 @@ class Tinyserved:
         if not self.start_cmd:
             log.info("tinyserved_start_skipped", reason="no start command configured")
             return
-        code, out = await run_command(self.start_cmd, timeout=self.timeout, what="tinyserved.start")
+        code, out = await run_command(self.start_cmd, timeout_s=self.timeout, what="tinyserved.start")
         if code != 0:
             raise ServiceControlError(
                 f"tinyserved.start exited with {code}: {out[-200:]}",
@@ -89,7 +95,7 @@ class Tinyserved:
         if not self.status_cmd or shutil.which(self.status_cmd[0]) is None:
             return True, "tinyserve CLI not found; status not checked"
         try:
-            code, out = await run_command(self.status_cmd, timeout=self.timeout, what="tinyserve status")
+            code, out = await run_command(self.status_cmd, timeout_s=self.timeout, what="tinyserve status")
         except ServiceControlError as exc:
             return False, exc.message
         return code == 0, out
@@ -99,7 +105,7 @@ async def tinyserve_version() -> str:
     if shutil.which("tinyserve") is None:
         return "unknown"
     try:
-        code, out = await run_command(["tinyserve", "version"], timeout=10, what="tinyserve version")
+        code, out = await run_command(["tinyserve", "version"], timeout_s=10, what="tinyserve version")
     except ServiceControlError:
         return "unknown"
     return out.splitlines()[0][:100] if code == 0 and out else "unknown"

@@ -12,6 +12,7 @@ from .errors import BackupError, IntegrityError
 
 log = structlog.get_logger(__name__)
 
+
 def _snapshot(src: Path, dest: Path) -> int:
     dest.unlink(missing_ok=True)
     # Read-only URI: the snapshot never writes into the live database (no checkpoint, no -shm
@@ -40,7 +41,7 @@ async def snapshot_database(src: Path, dest: Path) -> int:
     The copy is self-contained (rollback-journal mode, no -wal beside it), so `sqlite3 state.db`
     opens it anywhere.
     """
-    if not src.exists():
+    if not await asyncio.to_thread(src.exists):
         raise BackupError(f"database {src} does not exist", "check `root` in the config")
     try:
         return await asyncio.to_thread(_snapshot, src, dest)

@@ -9,6 +9,7 @@ fails or is cancelled leaves nothing behind but, at worst, an upload that ``prun
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import os
@@ -109,16 +110,16 @@ class Storage(ABC):
     def download_stream(self, key: str) -> AsyncIterator[bytes]: ...
 
     @abstractmethod
-    async def list(self, prefix: str) -> list[ObjectInfo]: ...
+    async def list(self, prefix: str) -> builtins.list[ObjectInfo]: ...
 
     @abstractmethod
-    async def list_dirs(self, prefix: str) -> list[str]: ...
+    async def list_dirs(self, prefix: str) -> builtins.list[str]: ...
 
     @abstractmethod
     async def delete_many(self, keys: Iterable[str]) -> None: ...
 
     @abstractmethod
-    async def list_multipart_uploads(self) -> list[MultipartUpload]: ...
+    async def list_multipart_uploads(self) -> builtins.list[MultipartUpload]: ...
 
     @abstractmethod
     async def abort_multipart(self, key: str, upload_id: str) -> None: ...
@@ -265,7 +266,7 @@ class LocalStorage(Storage):
             raise
         return UploadResult(key=key, size=size, sha256=h.hexdigest())
 
-    async def download_stream(self, key: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def download_stream(self, key: str) -> AsyncIterator[bytes]:
         path = self._path(key)
         try:
             f = await asyncio.to_thread(open, path, "rb")
@@ -280,7 +281,7 @@ class LocalStorage(Storage):
         finally:
             f.close()
 
-    def _walk(self, prefix: str) -> list[ObjectInfo]:
+    def _walk(self, prefix: str) -> builtins.list[ObjectInfo]:
         if not self.root.is_dir():
             self._check_root()
         base = self.root
@@ -302,11 +303,11 @@ class LocalStorage(Storage):
         out.sort(key=lambda o: o.key)
         return out
 
-    async def list(self, prefix: str) -> list[ObjectInfo]:
+    async def list(self, prefix: str) -> builtins.list[ObjectInfo]:
         return await asyncio.to_thread(self._walk, prefix)
 
-    async def list_dirs(self, prefix: str) -> list[str]:
-        def _dirs() -> list[str]:
+    async def list_dirs(self, prefix: str) -> builtins.list[str]:
+        def _dirs() -> builtins.list[str]:
             self._check_root()
             d = self.root.joinpath(*[p for p in prefix.split("/") if p]) if prefix else self.root
             if not d.is_dir():
@@ -335,9 +336,9 @@ class LocalStorage(Storage):
 
         await asyncio.to_thread(_delete)
 
-    async def list_multipart_uploads(self) -> list[MultipartUpload]:
-        def _uploads() -> list[MultipartUpload]:
-            out = []
+    async def list_multipart_uploads(self) -> builtins.list[MultipartUpload]:
+        def _uploads() -> builtins.list[MultipartUpload]:
+            out: builtins.list[MultipartUpload] = []
             if not self.root.is_dir():
                 return out
             for dirpath, _dirs, files in os.walk(self.root):
@@ -509,9 +510,7 @@ class S3Storage(Storage):
                     kwargs["aws_secret_access_key"] = self.s.secret_access_key
                 stack = contextlib.AsyncExitStack()
                 try:
-                    self._client = await stack.enter_async_context(
-                        session.create_client("s3", **kwargs)
-                    )
+                    self._client = await stack.enter_async_context(session.create_client("s3", **kwargs))
                 except Exception as exc:
                     await stack.aclose()
                     if "Invalid endpoint" in str(exc) or isinstance(exc, ValueError):
@@ -681,7 +680,7 @@ class S3Storage(Storage):
             timeout=30,
         )
 
-    async def download_stream(self, key: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def download_stream(self, key: str) -> AsyncIterator[bytes]:
         full = self._full(key)
         offset = 0
         total: int | None = None
@@ -721,26 +720,24 @@ class S3Storage(Storage):
                 log.warning("storage_retry", op=f"get {key}", attempt=attempt, offset=offset)
                 await asyncio.sleep(delay)
 
-    async def list(self, prefix: str) -> list[ObjectInfo]:
-        async def _list(c: Any) -> list[ObjectInfo]:
+    async def list(self, prefix: str) -> builtins.list[ObjectInfo]:
+        async def _list(c: Any) -> builtins.list[ObjectInfo]:
             out = []
             paginator = c.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.s.bucket, Prefix=self._full(prefix)):
                 for o in page.get("Contents", []):
                     out.append(
-                        ObjectInfo(
-                            key=self._rel(o["Key"]), size=o["Size"], last_modified=o["LastModified"]
-                        )
+                        ObjectInfo(key=self._rel(o["Key"]), size=o["Size"], last_modified=o["LastModified"])
                     )
             out.sort(key=lambda o: o.key)
             return out
 
         return await self._call(f"list {prefix}", _list)
 
-    async def list_dirs(self, prefix: str) -> list[str]:
+    async def list_dirs(self, prefix: str) -> builtins.list[str]:
         full = self._full(prefix) if prefix else (f"{self._prefix}/" if self._prefix else "")
 
-        async def _dirs(c: Any) -> list[str]:
+        async def _dirs(c: Any) -> builtins.list[str]:
             out = []
             paginator = c.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.s.bucket, Prefix=full, Delimiter="/"):
@@ -768,8 +765,8 @@ class S3Storage(Storage):
 
             await self._call("delete objects", _delete)
 
-    async def list_multipart_uploads(self) -> list[MultipartUpload]:
-        async def _uploads(c: Any) -> list[MultipartUpload]:
+    async def list_multipart_uploads(self) -> builtins.list[MultipartUpload]:
+        async def _uploads(c: Any) -> builtins.list[MultipartUpload]:
             out = []
             paginator = c.get_paginator("list_multipart_uploads")
             kwargs: dict[str, Any] = {"Bucket": self.s.bucket}

@@ -58,7 +58,9 @@ async def compressed_file_stream(path: Path, level: int = 3, threads: int = -1) 
         yield out
 
 
-async def decompress_stream(chunks: AsyncIterable[bytes], codec: str, what: str = "object") -> AsyncIterator[bytes]:
+async def decompress_stream(
+    chunks: AsyncIterable[bytes], codec: str, what: str = "object"
+) -> AsyncIterator[bytes]:
     """Undo ``codec`` (zstd, gzip or none); damaged or truncated input is an IntegrityError."""
     if codec == "none":
         async for c in chunks:

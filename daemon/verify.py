@@ -8,11 +8,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
-from .archive import HashingStream, extract_stream, test_decompress
+from .archive import CODECS, Codec, HashingStream, extract_stream, test_decompress
 from .errors import BackupError, EncryptionError, IntegrityError
 from .manifest import BackupRef, ObjectEntry
 from .restore import entry_sources
@@ -53,6 +53,10 @@ class BackupCheck:
         }
 
 
+def _codec(e: ObjectEntry) -> Codec:
+    return cast(Codec, e.codec) if e.codec in CODECS else "none"
+
+
 async def _check_object(
     storage: Storage, ref: BackupRef, e: ObjectEntry, decryptor: Any, scratch: Path, deep_dir: Path | None
 ) -> ObjectCheck:
@@ -67,14 +71,12 @@ async def _check_object(
         detail = ""
         if e.kind == "tar":
             if deep_dir is not None:
-                stats = await extract_stream(  # type: ignore[arg-type]
-                    stream, deep_dir, codec=e.codec, allowed_top=entry_sources(e) or None
+                stats = await extract_stream(
+                    stream, deep_dir, codec=_codec(e), allowed_top=entry_sources(e) or None
                 )
                 detail = f"{stats.members} members extracted"
             else:
-                res = await test_decompress(  # type: ignore[arg-type]
-                    stream, e.codec, allowed_top=entry_sources(e) or None
-                )
+                res = await test_decompress(stream, _codec(e), allowed_top=entry_sources(e) or None)
                 detail = f"{res[1]} members, {res[0]} bytes uncompressed"
         elif e.kind == "sqlite":
             db = scratch / f"{ref.type}-{ref.timestamp}-state.db"
@@ -101,7 +103,12 @@ async def _check_object(
 
 
 async def verify_backup(
-    storage: Storage, ref: BackupRef, *, decryptor: Any = None, deep: bool = False, live_root: Path | None = None
+    storage: Storage,
+    ref: BackupRef,
+    *,
+    decryptor: Any = None,
+    deep: bool = False,
+    live_root: Path | None = None,
 ) -> BackupCheck:
     check = BackupCheck(ref.type, ref.timestamp)
     scratch = Path(tempfile.mkdtemp(prefix="tsb-verify-"))
@@ -111,7 +118,13 @@ async def verify_backup(
             await asyncio.to_thread(deep_dir.mkdir)
         for e in ref.manifest.objects:
             oc = await _check_object(storage, ref, e, decryptor, scratch, deep_dir)
-            log.info("verify_object", backup=f"{ref.type}/{ref.timestamp}", object=e.name, ok=oc.ok, detail=oc.detail)
+            log.info(
+                "verify_object",
+                backup=f"{ref.type}/{ref.timestamp}",
+                object=e.name,
+                ok=oc.ok,
+                detail=oc.detail,
+            )
             check.objects.append(oc)
         if deep_dir is not None and live_root is not None:
             check.deep = await asyncio.to_thread(compare_trees, deep_dir, live_root)
@@ -162,6 +175,7 @@ def raise_if_damaged(checks: list[BackupCheck]) -> None:
         )
     if unchecked:
         raise EncryptionError(
-            f"{len(unchecked)} encrypted object(s) could not be checked: " + "; ".join(unchecked[:3])
+            f"{len(unchecked)} encrypted object(s) could not be checked: "
+            + "; ".join(unchecked[:3])
             + (" …" if len(unchecked) > 3 else "")
         )

@@ -15,6 +15,7 @@ from daemon.storage import LocalStorage, RetryPolicy, S3Settings, S3Storage
 from tests.helpers.rootfactory import fake_path
 from tests.helpers.s3server import REPO, FaultProxy, MotoServer, create_bucket, start_moto
 
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[MotoServer]:
     server = start_moto()
@@ -126,7 +127,9 @@ def isolated_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the real command line in a child process, as a user would."""
     full_env = dict(os.environ)
     full_env.update(env or {})

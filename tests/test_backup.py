@@ -75,7 +75,8 @@ async def test_full_backup_has_services_and_images(root: RootInfo, s3_storage: S
     res = await BackupJob(cfg_for(root.path), s3_storage).run("full")
     names = sorted(o.name for o in res.manifest.objects)
     assert names == sorted(
-        ["state.db.zst", "configs.tar.zst", "images.tar.zst"] + [f"services/{s}.tar.zst" for s in root.services]
+        ["state.db.zst", "configs.tar.zst", "images.tar.zst"]
+        + [f"services/{s}.tar.zst" for s in root.services]
     )
     assert res.manifest.images == root.images
     assert sorted(res.manifest.services) == sorted(root.services)
@@ -104,11 +105,11 @@ async def test_hooks_run_around_service_and_post_runs_on_failure(
     extra = (
         "hooks:\n"
         "  blog:\n"
-        f"    pre: \"echo pre-$TINYSERVE_SERVICE >> {marks}\"\n"
-        f"    post: [sh, -c, \"echo post-$TINYSERVE_SERVICE >> {marks}\"]\n"
+        f'    pre: "echo pre-$TINYSERVE_SERVICE >> {marks}"\n'
+        f'    post: [sh, -c, "echo post-$TINYSERVE_SERVICE >> {marks}"]\n'
         "  notes:\n"
-        "    pre: \"exit 3\"\n"
-        f"    post: \"echo post-notes >> {marks}\"\n"
+        '    pre: "exit 3"\n'
+        f'    post: "echo post-notes >> {marks}"\n'
     )
     job = BackupJob(cfg_for(root.path, extra), s3_storage)
     await job.run("services", ["blog"])
@@ -121,7 +122,9 @@ async def test_hooks_run_around_service_and_post_runs_on_failure(
     assert (await scan(s3_storage)).incomplete == []
 
 
-async def test_snapshot_is_consistent_while_writer_keeps_writing(root: RootInfo, s3_storage: S3Storage, tmp_path: Path) -> None:
+async def test_snapshot_is_consistent_while_writer_keeps_writing(
+    root: RootInfo, s3_storage: S3Storage, tmp_path: Path
+) -> None:
     stop = tmp_path / "stop"
     writer = subprocess.Popen(
         [
@@ -201,7 +204,9 @@ def test_retention_rules() -> None:
     assert all(d.keep for d in decide(old, RetentionRule(), now, UTC))  # type: ignore[arg-type]
 
 
-async def test_prune_deletes_old_keeps_newest_and_cleans_leftovers(root: RootInfo, s3_storage: S3Storage) -> None:
+async def test_prune_deletes_old_keeps_newest_and_cleans_leftovers(
+    root: RootInfo, s3_storage: S3Storage
+) -> None:
     cfg = cfg_for(root.path, "retention:\n  partial:\n    max_age_days: 7\n")
     res = await BackupJob(cfg, s3_storage).run("partial")
     old_ts = "2020-01-01T03-00-00Z"
@@ -235,7 +240,9 @@ async def test_second_job_waits_then_fails_naming_holder(root: RootInfo) -> None
         pass
 
 
-async def test_cut_during_upload_is_retried(root: RootInfo, fault_proxy: FaultProxy, proxied_storage: S3Storage, tmp_path: Path) -> None:
+async def test_cut_during_upload_is_retried(
+    root: RootInfo, fault_proxy: FaultProxy, proxied_storage: S3Storage, tmp_path: Path
+) -> None:
     big = make_root(tmp_path / "big", size="24MB", seed=3)
     proxied_storage.part_size = 5 * 1024 * 1024
     loop = asyncio.get_running_loop()
@@ -275,7 +282,10 @@ def test_sigkill_mid_upload_leaves_nothing_listed(tmp_path: Path, s3_server: Mot
         env = dict(os.environ)
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "--config", str(cfg), "create", "--full"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         # wait (bounded) until the upload is under way: the log says an artifact went up
         log = Path(env["TINYSERVE_BACKUP_HOME"]) / "logs" / "tinyserve-backup.log"

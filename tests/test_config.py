@@ -182,9 +182,23 @@ def test_cli_config_and_list_against_s3(tmp_path: Path, s3_server: MotoServer, b
     p = tmp_path / "c.yaml"
     secret = "S3CR3T-never-in-a-file-or-log"
     res = run_cli(
-        "--config", str(p), "config", "--bucket", bucket, "--prefix", "tiny/{hostname}",
-        "--endpoint", s3_server.endpoint, "--region", "us-east-1", "--access-key", "AKIDTEST",
-        "--secret-key-stdin", "--path-style", "--root", str(tmp_path / "root"),
+        "--config",
+        str(p),
+        "config",
+        "--bucket",
+        bucket,
+        "--prefix",
+        "tiny/{hostname}",
+        "--endpoint",
+        s3_server.endpoint,
+        "--region",
+        "us-east-1",
+        "--access-key",
+        "AKIDTEST",
+        "--secret-key-stdin",
+        "--path-style",
+        "--root",
+        str(tmp_path / "root"),
         input=secret + "\n",
     )
     assert res.returncode == 0, res.stderr
@@ -202,7 +216,13 @@ def test_cli_config_and_list_against_s3(tmp_path: Path, s3_server: MotoServer, b
 def test_cli_nonexistent_bucket(tmp_path: Path, s3_server: MotoServer) -> None:
     p = tmp_path / "c.yaml"
     res = run_cli(
-        "--config", str(p), "config", "--bucket", "no-such-bucket", "--endpoint", s3_server.endpoint,
+        "--config",
+        str(p),
+        "config",
+        "--bucket",
+        "no-such-bucket",
+        "--endpoint",
+        s3_server.endpoint,
         "--path-style",
     )
     _assert_one_line_error(res, "does not exist")
@@ -211,7 +231,13 @@ def test_cli_nonexistent_bucket(tmp_path: Path, s3_server: MotoServer) -> None:
 def test_cli_unreachable_endpoint(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     res = run_cli(
-        "--config", str(p), "config", "--bucket", "b", "--endpoint", f"http://127.0.0.1:{free_port()}",
+        "--config",
+        str(p),
+        "config",
+        "--bucket",
+        "b",
+        "--endpoint",
+        f"http://127.0.0.1:{free_port()}",
     )
     _assert_one_line_error(res, "cannot reach the storage endpoint")
 
@@ -221,14 +247,34 @@ def test_cli_wrong_secret(tmp_path: Path, s3_auth_server: tuple[MotoServer, str,
     p = tmp_path / "c.yaml"
     wrong = "WRONG" + secret[5:]
     res = run_cli(
-        "--config", str(p), "config", "--bucket", bucket, "--endpoint", server.endpoint, "--path-style",
-        "--access-key", key_id, "--secret-key-stdin", input=wrong + "\n",
+        "--config",
+        str(p),
+        "config",
+        "--bucket",
+        bucket,
+        "--endpoint",
+        server.endpoint,
+        "--path-style",
+        "--access-key",
+        key_id,
+        "--secret-key-stdin",
+        input=wrong + "\n",
     )
     _assert_one_line_error(res, "access denied")
     assert wrong not in res.stderr and wrong not in res.stdout
     res = run_cli(
-        "--config", str(p), "config", "--bucket", bucket, "--endpoint", server.endpoint, "--path-style",
-        "--access-key", key_id, "--secret-key-stdin", input=secret + "\n",
+        "--config",
+        str(p),
+        "config",
+        "--bucket",
+        bucket,
+        "--endpoint",
+        server.endpoint,
+        "--path-style",
+        "--access-key",
+        key_id,
+        "--secret-key-stdin",
+        input=secret + "\n",
     )
     assert res.returncode == 0, res.stderr
 

@@ -14,7 +14,7 @@ import pytest
 
 from daemon.backup import BackupJob
 from daemon.config import Config, parse_config
-from daemon.errors import BackupNotFoundError, DockerError, IntegrityError, RestoreError, UnsafeArchiveError
+from daemon.errors import BackupNotFoundError, DockerError, IntegrityError, UnsafeArchiveError
 from daemon.manifest import list_backups
 from daemon.restore import RestoreJob
 from daemon.storage import S3Storage
@@ -45,7 +45,9 @@ def ctl_calls() -> list[list[str]]:
 
 
 def snapshot(root: Path) -> tuple[dict[str, object], list[str]]:
-    return tree_digest(root, exclude=[*DB, "logs", "*.pre-restore", "*.pre-restore/*"]), db_dump(root / "state.db")
+    return tree_digest(root, exclude=[*DB, "logs", "*.pre-restore", "*.pre-restore/*"]), db_dump(
+        root / "state.db"
+    )
 
 
 async def test_full_restore_into_wiped_root_is_exact(root: RootInfo, s3_storage: S3Storage) -> None:
@@ -284,14 +286,21 @@ def test_full_disk_while_staging(tmp_path: Path, s3_server: MotoServer, bucket: 
         subprocess.run(["umount", str(mnt)])
 
 
-def test_missing_credentials_is_clear(tmp_path: Path, s3_auth_server: tuple[MotoServer, str, str, str]) -> None:
+def test_missing_credentials_is_clear(
+    tmp_path: Path, s3_auth_server: tuple[MotoServer, str, str, str]
+) -> None:
     server, bucket, _key, _secret = s3_auth_server
     cfgp = tmp_path / "cfg.yaml"
     cfgp.write_text(
         f"root: {tmp_path / 'r'}\n"
         f"destination:\n  url: s3://{bucket}/tb\n  endpoint: {server.endpoint}\n  addressing_style: path\n"
     )
-    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    env = {
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+    }
     res = run_cli("--config", str(cfgp), "restore", "2026-01-01T00-00-00Z", "--yes", env=env)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "credentials" in res.stderr.lower()
@@ -338,8 +347,12 @@ async def test_guide_partial_and_single_service_from_guide_full(
 
     env = {"AWS_ENDPOINT_URL": s3_server.endpoint}
     before_tree, before_db = snapshot(root.path)
-    part = await run_guide_backup_async("partial", root.path, bucket, "tb", env, timestamp="2026-01-10T06-00-00Z")
-    full = await run_guide_backup_async("full", root.path, bucket, "tb", env, timestamp="2026-01-10T12-00-00Z")
+    part = await run_guide_backup_async(
+        "partial", root.path, bucket, "tb", env, timestamp="2026-01-10T06-00-00Z"
+    )
+    full = await run_guide_backup_async(
+        "full", root.path, bucket, "tb", env, timestamp="2026-01-10T12-00-00Z"
+    )
     (root.path / "services" / "notes" / "newer.txt").write_text("newer")
     shutil.rmtree(root.path / "services" / "blog")
     out = await RestoreJob(cfg_for(root.path), s3_storage).run(full.timestamp, services=["blog"])

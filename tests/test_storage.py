@@ -251,7 +251,9 @@ async def test_unreachable_endpoint() -> None:
 async def test_wrong_secret_is_access_denied(s3_auth_server: tuple[MotoServer, str, str, str]) -> None:
     server, bucket, key_id, secret = s3_auth_server
     good = S3Storage(s3_settings(server.endpoint, bucket, access_key_id=key_id, secret_access_key=secret))
-    bad = S3Storage(s3_settings(server.endpoint, bucket, access_key_id=key_id, secret_access_key="wrong" + secret[5:]))
+    bad = S3Storage(
+        s3_settings(server.endpoint, bucket, access_key_id=key_id, secret_access_key="wrong" + secret[5:])
+    )
     try:
         await good.check_access()
         await good.put_bytes("x", b"1")
