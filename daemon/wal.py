@@ -620,7 +620,9 @@ class _Engine:
         restarted = False
         while True:
             r = read_wal(self.wal_path, self.pos, max_bytes=self.opts.max_segment_bytes)
-            now = self._observe()
+            # Strictly increasing per read: commits read apart never share a time, so a segment
+            # boundary never splits one instant (restore relies on it at gaps).
+            now = self._observe(strictly_after=True)
             if r.header is None:
                 if self.pos is not None and not self.expect_restart:
                     raise _ContinuityLost(
@@ -818,13 +820,14 @@ class _Engine:
             return
         try:
             self._read()
-            self._cut()
             taken_at = self._observe()
             self.end_read()
             self.begin_read()
             self.expect_restart = True
         finally:
             self._unlock_writes()
+        # Spooling needs no lock: the frames are in memory, and R now pins exactly their end.
+        self._cut()
         self._snapshot(taken_at)
 
     def _snapshot(self, taken_at: datetime) -> None:
@@ -931,8 +934,9 @@ class _Engine:
             log.debug("wal_checkpoint_postponed", reason="writer busy")
             return
         try:
+            # Under the lock only what must be: read to the end, checkpoint, pin again.  The
+            # frames wait in memory and are spooled after the writers are let go.
             self._read()
-            self._cut()
             self.end_read()
             try:
                 self.C.execute("PRAGMA busy_timeout=0")
@@ -945,6 +949,7 @@ class _Engine:
             self._unlock_writes()
         self.checkpoints += 1
         self.last_checkpoint_pos = self.pos
+        self._cut()
         complete = wal_frames >= 0 and done == wal_frames
         if truncate and complete:
             # R now reads without the WAL (mark 0): if a writer slipped in after the unlock, its
@@ -1022,6 +1027,7 @@ class WalShipper:
         self._queue_changed = asyncio.Event()
         self._queue: deque[SpoolEntry] = deque()
         self._spool_bytes = 0
+        self._segment_bytes = 0  # what the spool bound counts (see _check_spool)
         self._hint_pending = threading.Event()
         self._debounce_handle: asyncio.TimerHandle | None = None
         self._cut_handle: asyncio.TimerHandle | None = None
@@ -1073,6 +1079,8 @@ class WalShipper:
         for e in entries:
             self._queue.append(e)
             self._spool_bytes += e.size
+            if e.kind == "segment":
+                self._segment_bytes += e.size
         if entries:
             self._queue_changed.set()
 
@@ -1210,6 +1218,8 @@ class WalShipper:
 
     async def flush(self, wait_seconds: float = 10.0) -> bool:
         """Read and ship everything committed so far; True once it is all in the bucket."""
+        if self._need_generation is not None or self._fatal is not None:
+            return False  # history was dropped or someone else ships: nothing is "all shipped"
         if self._state != "shipping" or self._executor is None:
             return not self._queue
         await self._call(self._engine.sync)
@@ -1294,10 +1304,18 @@ class WalShipper:
                     if sig != self._poll_sig:
                         self._poll_sig = sig
                         self._wake.set()
-                    if self._snapshot_is_due() and self._engine.broken is None:
+                    if (
+                        self._snapshot_is_due()
+                        and self._engine.broken is None
+                        and not any(e.kind == "snapshot" for e in self._queue)
+                    ):
                         self._snapshot_due = True
                         self._wake.set()
-                elif self._state == "snapshot_only" and self._snapshot_is_due():
+                elif (
+                    self._state == "snapshot_only"
+                    and self._snapshot_is_due()
+                    and not any(e.kind == "snapshot" for e in self._queue)
+                ):
                     await self._call(self._engine.snapshot_only)
             except asyncio.CancelledError:
                 raise
@@ -1374,13 +1392,12 @@ class WalShipper:
             self._check_spool()
 
     def _check_spool(self) -> None:
-        if self._spool_bytes <= self.opts.spool_max_bytes or self._need_generation is not None:
+        # The bound counts segments only.  Snapshots are bounded by the database size and never
+        # pile up (a periodic one waits until the previous one is uploaded); counting them could
+        # drop each new generation's own snapshot as soon as one segment followed it, forever.
+        if self._segment_bytes <= self.opts.spool_max_bytes or self._need_generation is not None:
             return
-        # Snapshots alone never overflow: they are bounded by the database size, and dropping
-        # one only to take it again would loop.
-        if not any(e.kind == "segment" for e in self._queue):
-            return
-        dropped, nbytes = len(self._queue), self._spool_bytes
+        dropped, nbytes = len(self._queue), self._segment_bytes
         reason = (
             f"spool passed its bound ({nbytes} > {self.opts.spool_max_bytes} bytes) "
             "while storage was unreachable"
@@ -1394,6 +1411,7 @@ class WalShipper:
         )
         self._queue.clear()
         self._spool_bytes = 0
+        self._segment_bytes = 0
         self._need_generation = reason
         self._spool_dropped += 1
         self._last_error = reason
@@ -1442,6 +1460,8 @@ class WalShipper:
             if self._queue and self._queue[0] is entry:
                 self._queue.popleft()
                 self._spool_bytes -= entry.size
+                if entry.kind == "segment":
+                    self._segment_bytes -= entry.size
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self.spool.remove, entry)
             now = self.clock()
