@@ -356,11 +356,22 @@ async def restore_point_in_time(
     token = secrets.token_hex(4)
     tmp = output.parent / f".{output.name}.pitr-{token}"
     dl = output.parent / f".{output.name}.pitr-{token}.download"
+    sealed = output.parent / f".{output.name}.pitr-{token}.age"
     try:
         if snap.encrypted:
-            data = await storage.get_bytes(snap.key)
-            _check_sha(data, snap.sha256, snap.key)
-            await asyncio.to_thread(dl.write_bytes, _decrypt(data, snap.key, True, identity))
+            if identity is None:
+                raise EncryptionError(f"{snap.key} is encrypted and no identity was given")
+            decrypt_file = getattr(identity, "decrypt_file", None)
+            if decrypt_file is not None:  # streams: memory stays flat whatever the db size
+                got = await _download_to(storage, snap.key, sealed)
+                if got != snap.sha256:
+                    raise IntegrityError(f"{snap.key} is damaged: sha256 does not match its name")
+                await asyncio.to_thread(decrypt_file, sealed, dl)
+                await asyncio.to_thread(sealed.unlink)
+            else:
+                data = await storage.get_bytes(snap.key)
+                _check_sha(data, snap.sha256, snap.key)
+                await asyncio.to_thread(dl.write_bytes, identity(data))
         else:
             got = await _download_to(storage, snap.key, dl)
             if got != snap.sha256:
@@ -375,7 +386,7 @@ async def restore_point_in_time(
         size = tmp.stat().st_size
         await asyncio.to_thread(_publish, tmp, output)
     finally:
-        for p in (tmp, dl, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        for p in (tmp, dl, sealed, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
     res = PitrResult(

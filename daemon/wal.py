@@ -318,6 +318,10 @@ class WalOptions:
             spool_max_bytes=w.spool_max_mb * MiB,
             compression_level=cfg.compression.level,
         )
+        # Same recipients as every other backup object (issue 8): WAL objects then end in .age.
+        from daemon.crypto import encryptor_from_config
+
+        opts.encrypt = encryptor_from_config(cfg)
         for k, v in overrides.items():
             setattr(opts, k, v)
         return opts
@@ -881,7 +885,16 @@ class _Engine:
                 cctx.copy_stream(src, dst, size=size)
             encrypted = self.opts.encrypt is not None
             if self.opts.encrypt is not None:
-                tmp.write_bytes(self.opts.encrypt(tmp.read_bytes()))
+                encrypt_file = getattr(self.opts.encrypt, "encrypt_file", None)
+                if encrypt_file is not None:  # streams: memory stays flat whatever the db size
+                    sealed = tmp.with_name(tmp.name + ".age")
+                    try:
+                        encrypt_file(tmp, sealed)
+                        os.replace(sealed, tmp)
+                    finally:
+                        sealed.unlink(missing_ok=True)
+                else:
+                    tmp.write_bytes(self.opts.encrypt(tmp.read_bytes()))
             with open(tmp, "rb") as f:
                 while chunk := f.read(MiB):
                     out.update(chunk)
@@ -1160,47 +1173,58 @@ class WalShipper:
             return False
         return any(isinstance(parse_wal_key(o.key), SnapshotInfo) for o in objs)
 
-    async def stop(self, grace_seconds: float | None = None) -> None:
-        """Ship what is committed (within ``grace_seconds``), keep the rest spooled, release the
-        lease."""
+    async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a budget, split inside
+        """Ship what is committed, keep the rest spooled, release the lease — all within ``timeout``
+        seconds (default ``stop_timeout``), so a caller's own deadline is never overrun."""
         if not self._started:
             return
-        grace = self.opts.stop_timeout if grace_seconds is None else grace_seconds
-        deadline = time.monotonic() + grace
+        budget = self.opts.stop_timeout if timeout is None else max(0.0, timeout)
+        deadline = time.monotonic() + budget
+        # Kept back from flushing for closing SQLite and releasing the lease.
+        reserve = min(1.0, budget * 0.25)
         self._stopping = True
-        self._stop_watch()
-        for t in self._tasks:
-            if t.get_name() in ("wal-reader", "wal-poller"):
-                t.cancel()
-        await asyncio.gather(
-            *[t for t in self._tasks if t.get_name() != "wal-uploader"], return_exceptions=True
-        )
-        if self._state == "shipping" and self._fatal is None:
-            try:
-                await self._call(self._engine.sync)
-                await self._call(self._engine.cut)
-            except (_ContinuityLost, WalError, sqlite3.Error, OSError) as e:
-                self._record_error(e, "wal_final_read_failed")
-        remaining = deadline - time.monotonic()
-        if self._queue and remaining > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained(), remaining)
-        if self._queue:
-            log.warning("wal_spool_kept", objects=len(self._queue), bytes=self._spool_bytes)
-        await self._teardown()
-        if self._lease_held:
-            with contextlib.suppress(StorageError, TimeoutError):
-                await asyncio.wait_for(self._release_lease(), max(1.0, deadline - time.monotonic()))
-        self._started = False
-        self._state = "stopped"
+        try:
+            self._stop_watch()
+            for t in self._tasks:
+                if t.get_name() in ("wal-reader", "wal-poller"):
+                    t.cancel()
+            await asyncio.gather(
+                *[t for t in self._tasks if t.get_name() != "wal-uploader"], return_exceptions=True
+            )
+            if self._state == "shipping" and self._fatal is None and self._executor is not None:
+                try:
+                    await asyncio.wait_for(
+                        self._final_read(), max(0.1, deadline - reserve - time.monotonic())
+                    )
+                except (TimeoutError, _ContinuityLost, WalError, sqlite3.Error, OSError) as e:
+                    self._record_error(e, "wal_final_read_failed")
+            remaining = deadline - reserve - time.monotonic()
+            if self._queue and remaining > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained(), remaining)
+            if self._queue:
+                log.warning("wal_spool_kept", objects=len(self._queue), bytes=self._spool_bytes)
+        finally:
+            await self._teardown(max(0.2, (deadline - time.monotonic()) / 2))
+            remaining = deadline - time.monotonic()
+            if self._lease_held and remaining > 0.05:
+                # Not released in time: it expires, or is taken over by our next start on this host.
+                with contextlib.suppress(StorageError, TimeoutError):
+                    await asyncio.wait_for(self._release_lease(), remaining)
+            self._started = False
+            self._state = "stopped"
         log.info("wal_shipper_stopped", generation=self._engine.generation, spooled_objects=len(self._queue))
+
+    async def _final_read(self) -> None:
+        await self._call(self._engine.sync)
+        await self._call(self._engine.cut)
 
     async def _drained(self) -> None:
         while self._queue and self._fatal is None:
             self._queue_changed.clear()
             await self._queue_changed.wait()
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, budget: float = 5.0) -> None:
         self._stop_watch()
         for t in self._tasks:
             t.cancel()
@@ -1210,9 +1234,12 @@ class WalShipper:
             if h is not None:
                 h.cancel()
         if self._executor is not None:
+            executor, loop = self._executor, asyncio.get_running_loop()
+            # Queued behind whatever the SQLite thread is doing; it runs even if we stop waiting.
+            closing = loop.run_in_executor(executor, self._engine.close)
             with contextlib.suppress(Exception):
-                await self._call(self._engine.close)
-            self._executor.shutdown(wait=True)
+                await asyncio.wait_for(asyncio.shield(closing), budget)
+            executor.shutdown(wait=False)
             self._executor = None
         self.spool.unlock()
 
@@ -1572,14 +1599,18 @@ class WalShipper:
             return True  # unreadable lease: nobody can prove they hold it
         if expired:
             return True
-        # A lease left by a killed process on this very host need not wait out its expiry.
-        if cur.get("host") == self._holder["host"]:
-            try:
-                pid = int(cur["pid"])
-            except (KeyError, TypeError, ValueError):
-                return False
-            return pid != os.getpid() and not _pid_alive(pid)
-        return False
+        if cur.get("host") != self._holder["host"]:
+            return False
+        try:
+            pid = int(cur["pid"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        if pid != os.getpid():
+            # Left by a killed process on this very host: no need to wait out its expiry.
+            return not _pid_alive(pid)
+        # Left by an earlier shipper in this process that could not release it (storage down
+        # at stop): for the same database that one is gone, as we hold its spool lock now.
+        return cur.get("db") == str(self.db_path)
 
     def _held_error(self, cur: dict[str, Any], what: str) -> LeaseHeldError:
         return LeaseHeldError(

@@ -266,3 +266,25 @@ async def test_segments_are_chained(db: Path, tmp_path: Path, local_storage: Loc
     )
     with pytest.raises(IntegrityError, match="metadata of another segment"):
         await restore_point_in_time(local_storage, None, tmp_path / "x.db")
+
+
+async def test_age_encryption_end_to_end(db: Path, tmp_path: Path, local_storage: LocalStorage) -> None:
+    """With issue 8's age Encryptor/Decryptor: objects are age files, restore needs the key."""
+    from daemon.crypto import Decryptor, Encryptor, generate_keypair, is_age, write_new_identity
+
+    kp = generate_keypair()
+    await ship_some(db, tmp_path, local_storage, batches=2, encrypt=Encryptor([kp.recipient]))
+    (gen,) = await load_catalog(local_storage)
+    assert is_age(await local_storage.get_bytes(gen.snapshots[0].key))
+    assert is_age(await local_storage.get_bytes(gen.segments[0].key))
+    key_file = tmp_path / "key.txt"
+    await asyncio.to_thread(write_new_identity, key_file, kp)
+    right = Decryptor.from_file(key_file)
+    other = tmp_path / "other.txt"
+    await asyncio.to_thread(write_new_identity, other, generate_keypair())
+    with pytest.raises(EncryptionError):
+        await restore_point_in_time(
+            local_storage, None, tmp_path / "x.db", identity=Decryptor.from_file(other)
+        )
+    await restore_point_in_time(local_storage, None, tmp_path / "y.db", identity=right)
+    assert logical_dump(tmp_path / "y.db") == logical_dump(db)

@@ -357,15 +357,28 @@ async def test_not_wal_mode_is_snapshot_only(
 # ---- lease ---------------------------------------------------------------------------------
 
 
-async def test_second_shipper_on_prefix_refuses(db: Path, tmp_path: Path, s3_storage: S3Storage) -> None:
+async def test_second_shipper_on_prefix_refuses(
+    db: Path, tmp_path: Path, s3_server: MotoServer, bucket: str, s3_storage: S3Storage
+) -> None:
     first = WalShipper(db, s3_storage, tmp_path / "spool1", fast_options())
     await first.start()
     try:
-        other = WalShipper(db, s3_storage, tmp_path / "spool2", fast_options())
-        with pytest.raises(LeaseHeldError) as exc:
+        # A second daemon (its own process) for the same prefix refuses and says who ships.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.helpers.writer", "ship", str(db), str(tmp_path / "spool2"),
+            "--s3", s3_server.endpoint, bucket, "tb",
+            cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == LeaseHeldError.exit_code, err
+        assert b"another WAL shipper holds the lease" in err and f"pid {os.getpid()}".encode() in err
+        # Another installation in this process, same prefix: refused as well.
+        other_db = tmp_path / "other" / "state.db"
+        await asyncio.to_thread(other_db.parent.mkdir)
+        await asyncio.to_thread(init_db, other_db)
+        other = WalShipper(other_db, s3_storage, tmp_path / "spool3", fast_options())
+        with pytest.raises(LeaseHeldError, match="another WAL shipper holds the lease"):
             await other.start()
-        assert "another WAL shipper holds the lease" in exc.value.message
-        assert f"pid {os.getpid()}" in exc.value.message
         assert other.status()["state"] == "stopped"
         # Same machine, same spool: refused before touching the bucket.
         same = WalShipper(db, s3_storage, tmp_path / "spool1", fast_options())
@@ -429,7 +442,7 @@ async def test_lease_taken_by_another_fences_the_shipper(
         await wait_for(lambda: shipper.status()["state"] == "fenced", 5, "the shipper to stop")
         assert "intruder" in (shipper.status()["last_error"] or "")
     finally:
-        await shipper.stop(grace_seconds=1)
+        await shipper.stop(timeout=1)
     # It did not delete the other holder's lease on its way out.
     assert json.loads(await local_storage.get_bytes(LEASE_KEY))["holder"] == "intruder:2:y"
 
@@ -668,3 +681,35 @@ async def test_prune_keeps_what_the_window_needs(
         assert await prune_wal(local_storage, window=timedelta(days=30), now=now) == []
     finally:
         await cur.stop()
+
+
+async def test_stop_within_budget_keeps_spool_for_next_start(
+    db: Path, tmp_path: Path, fault_proxy: FaultProxy, proxied_storage: S3Storage
+) -> None:
+    app = sqlite3.connect(db)  # tinyserved stays up while the daemon restarts
+    app.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    spool = tmp_path / "spool"
+    first = WalShipper(db, proxied_storage, spool, fast_options())
+    await first.start()
+    gen = first.status()["generation"]
+    assert await first.flush(10)
+    fault_proxy.cut()
+    await asyncio.to_thread(commit_rows, db, 0, 30)
+    await wait_for(lambda: first.status()["spool_objects"] > 0, 5, "spooling")
+    t = time.monotonic()
+    await first.stop(timeout=1.5)
+    assert time.monotonic() - t < 1.8  # the daemon's own deadline is never overrun
+    spooled = [p for p in (spool / "objects").rglob("*") if p.is_file()]
+    assert spooled, "unshipped segments must stay in the spool"
+    fault_proxy.heal()
+    second = WalShipper(db, proxied_storage, spool, fast_options())
+    await second.start()
+    try:
+        assert second.status()["generation"] == gen
+        await asyncio.to_thread(commit_rows, db, 30, 5)
+        assert await second.flush(10)
+    finally:
+        await second.stop()
+    assert not [p for p in (spool / "objects").rglob("*") if p.is_file()]
+    assert await restore_latest(proxied_storage, tmp_path / "out.db") == logical_dump(db)
+    app.close()

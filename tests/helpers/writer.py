@@ -314,8 +314,15 @@ async def _ship(args: argparse.Namespace) -> int:
             )
         )
     opts = WalOptions(poll_interval=0.5, checkpoint_pages=args.checkpoint_pages, retry_max=0.5, lease_ttl=30)
+    from daemon.errors import BackupError
+
     shipper = WalShipper(Path(args.db), storage, Path(args.spool), opts)
-    await shipper.start()
+    try:
+        await shipper.start()
+    except BackupError as e:  # like the CLI: one line on stderr, the error's exit code
+        print(f"error: {e.one_line()}", file=sys.stderr, flush=True)
+        await storage.close()
+        return e.exit_code
     print(f"READY {shipper.status()['generation']}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
