@@ -627,6 +627,11 @@ class _Engine:
             # Strictly increasing per read: commits read apart never share a time, so a segment
             # boundary never splits one instant (restore relies on it at gaps).
             now = self._observe(strictly_after=True)
+            if r.position_lost:
+                raise _ContinuityLost(
+                    "the WAL no longer holds the frames last read (rolled back by a crash or power "
+                    "loss, then rewritten)"
+                )
             if r.header is None:
                 if self.pos is not None and not self.expect_restart:
                     raise _ContinuityLost(
@@ -764,7 +769,7 @@ class _Engine:
             return False
         try:
             r = read_wal(self.wal_path, pos, keep_frames=False)
-            if r.header is None or r.restarted or r.file_size < pos.offset:
+            if r.header is None or r.restarted or r.position_lost:
                 return False
             self.generation = str(state["generation"])
             self.next_index = int(state["next_index"])

@@ -257,6 +257,7 @@ STOP_CHECKSUM_MISMATCH = "checksum_mismatch"
 STOP_BAD_PGNO = "bad_page_number"
 STOP_LIMIT = "limit"
 STOP_NO_HEADER = "no_header"
+STOP_POSITION_LOST = "position_lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +272,10 @@ class WalRead:
     uncommitted_frames: int = 0  # valid frames after the last commit (a transaction in flight)
     file_size: int = 0
     header_error: str | None = None
+    # Same header, but the frame that ended at the position is gone or different: frames we had
+    # read were rolled back (power loss, or a writer crash before the wal-index was updated) and
+    # SQLite has written other frames there under the same salts.
+    position_lost: bool = False
 
     @property
     def frame_count(self) -> int:
@@ -387,6 +392,10 @@ def read_wal(
                 header_error=e.message,
             )
         restarted = position is not None and not position.same_incarnation(header)
+        if position is not None and not restarted and not _still_there(f, position, size):
+            return WalRead(
+                header, position, stop_reason=STOP_POSITION_LOST, file_size=size, position_lost=True
+            )
         start = header.start_position() if position is None or restarted else position
         if start.offset > WAL_HEADER_SIZE:
             f.seek(start.offset)
@@ -395,6 +404,24 @@ def read_wal(
     finally:
         if owned:
             f.close()
+
+
+def _still_there(f: BinaryIO, pos: WalPosition, size: int) -> bool:
+    """Whether the frame that ends at ``pos`` is still the commit frame we read there.
+
+    Its header carries the running checksum after it, which is ``pos.checksum``: comparing 24
+    bytes proves (to 64 bits) that nothing before the position was rewritten.
+    """
+    if pos.offset == WAL_HEADER_SIZE:
+        return True  # nothing read in this incarnation yet; the header match is the proof
+    if size < pos.offset:
+        return False
+    f.seek(pos.offset - pos.frame_size)
+    raw = f.read(FRAME_HEADER_SIZE)
+    if len(raw) < FRAME_HEADER_SIZE:
+        return False
+    _pgno, commit_size, salt1, salt2, c0, c1 = _FRAME_HEADER.unpack(raw)
+    return commit_size != 0 and (salt1, salt2) == (pos.salt1, pos.salt2) and (c0, c1) == pos.checksum
 
 
 def scan_frames(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -32,6 +33,7 @@ from daemon.wal import (
     prune_wal,
     split_object,
 )
+from daemon.walfile import read_wal
 from tests.conftest import s3_settings
 from tests.helpers.s3server import REPO, FaultProxy, MotoServer
 from tests.helpers.writer import (
@@ -712,4 +714,46 @@ async def test_stop_within_budget_keeps_spool_for_next_start(
         await second.stop()
     assert not [p for p in (spool / "objects").rglob("*") if p.is_file()]
     assert await restore_latest(proxied_storage, tmp_path / "out.db") == logical_dump(db)
+    app.close()
+
+
+async def test_rolled_back_wal_starts_new_generation(
+    db: Path, tmp_path: Path, local_storage: LocalStorage
+) -> None:
+    """Power loss: commits we shipped never reached the disk, and after reboot SQLite writes other
+    commits at the same WAL offsets under the same salts.  The restarted shipper must notice."""
+    app = sqlite3.connect(db, isolation_level=None)
+    app.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    spool = tmp_path / "spool"
+    first = WalShipper(db, local_storage, spool, fast_options())
+    await first.start()
+    gen = first.status()["generation"]
+    await asyncio.to_thread(commit_rows, db, 0, 3)
+    assert await first.flush(10)
+    disk = tmp_path / "disk"  # what the disk held when the power went
+    await asyncio.to_thread(disk.mkdir)
+    for suffix in ("", "-wal"):
+        await asyncio.to_thread(shutil.copyfile, f"{db}{suffix}", disk / f"state.db{suffix}")
+    await asyncio.to_thread(commit_rows, db, 3, 5)  # shipped, then lost with the power
+    assert await first.flush(10)
+    await first.stop()
+    app.close()
+    for suffix in ("", "-wal"):
+        await asyncio.to_thread(shutil.copyfile, disk / f"state.db{suffix}", f"{db}{suffix}")
+    await asyncio.to_thread(Path(f"{db}-shm").unlink, missing_ok=True)
+    app = sqlite3.connect(db, isolation_level=None)  # "after reboot": recovery, then new commits
+    app.execute("INSERT INTO kv VALUES ('after-reboot', randomblob(9000), 0)")
+    # Same WAL incarnation (same salts) as the frames we shipped: only the position check tells.
+    before = read_wal(disk / "state.db-wal").header
+    after = read_wal(Path(f"{db}-wal"))
+    assert before is not None and after.header == before
+    second = WalShipper(db, local_storage, spool, fast_options())
+    await second.start()
+    try:
+        assert second.status()["generation"] != gen
+        await asyncio.to_thread(commit_rows, db, 100, 3)
+        assert await second.flush(10)
+    finally:
+        await second.stop()
+    assert await restore_latest(local_storage, tmp_path / "out.db") == logical_dump(db)
     app.close()

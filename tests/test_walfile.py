@@ -215,8 +215,9 @@ def test_apply_frames_matches_what_sqlite_sees(db: tuple[Path, sqlite3.Connectio
     assert r.transactions[-1].db_size < max(t.db_size for t in r.transactions)
     out = path.parent / "applied.db"
     shutil.copyfile(base, out)
-    n = apply_frames(out, iter_frames(r.transactions), r.header.page_size if r.header else 0,
-                     r.transactions[-1].db_size)
+    n = apply_frames(
+        out, iter_frames(r.transactions), r.header.page_size if r.header else 0, r.transactions[-1].db_size
+    )
     assert n == r.frame_count
     assert out.stat().st_size == r.transactions[-1].db_size * 4096
     assert dump_file(out) == dump(conn)
@@ -236,8 +237,9 @@ def test_apply_frames_matches_what_sqlite_sees(db: tuple[Path, sqlite3.Connectio
 def _to_big_endian(data: bytes) -> bytes:
     """Re-encode a little-endian-checksum WAL the way a big-endian machine would have written it."""
     h = WalHeader.parse(data)
-    nh = WalHeader.build(page_size=h.page_size, salt1=h.salt1, salt2=h.salt2,
-                         checkpoint_seq=h.checkpoint_seq, big_endian=True)
+    nh = WalHeader.build(
+        page_size=h.page_size, salt1=h.salt1, salt2=h.salt2, checkpoint_seq=h.checkpoint_seq, big_endian=True
+    )
     out = bytearray(nh.to_bytes())
     seed = nh.checksum
     fs = FRAME_HEADER_SIZE + h.page_size
@@ -275,3 +277,25 @@ def test_missing_or_short_file(tmp_path: Path) -> None:
     (tmp_path / "short-wal").write_bytes(b"\x37\x7f")
     r = read_wal(tmp_path / "short-wal")
     assert r.header is None and r.stop_reason == STOP_NO_HEADER
+
+
+def test_position_lost_when_frames_before_it_were_rewritten(db: tuple[Path, sqlite3.Connection]) -> None:
+    path, conn = db
+    for i in range(3):
+        commit(conn, f"INSERT INTO t (v, b) VALUES ('r{i}', randomblob(2000))")
+    wal = wal_of(path)
+    r = read_wal(wal)
+    assert r.position is not None
+    assert not read_wal(wal, r.position).position_lost
+    data = bytearray(wal.read_bytes())
+    last = r.transactions[-1].frames[-1]
+    # Same salts, other content: what SQLite writes after a crash rolled our frames back.
+    data[last.offset + 16] ^= 0xFF  # the running checksum stored in that frame's header
+    rewritten = path.parent / "rewritten-wal"
+    rewritten.write_bytes(bytes(data))
+    lost = read_wal(rewritten, r.position)
+    assert lost.position_lost and lost.transactions == []
+    # Shorter than the position with the same header: also gone.
+    short = path.parent / "short2-wal"
+    short.write_bytes(bytes(data[: last.offset]))
+    assert read_wal(short, r.position).position_lost
