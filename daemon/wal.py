@@ -294,7 +294,9 @@ class WalOptions:
     snapshot_interval: float = 24 * 3600.0
     retention: float | None = 24 * 3600.0  # PITR window kept by prune_wal after snapshots
     spool_max_bytes: int = 256 * MiB
-    lease_ttl: float = 120.0
+    # Renewed with uploads once a third of it has passed; an idle shipper lets it lapse (no
+    # requests when idle) and checks it is still the holder before its next upload.
+    lease_ttl: float = 600.0
     retry_base: float = 0.1
     retry_max: float = 2.0
     stop_timeout: float = 10.0
@@ -1060,7 +1062,7 @@ class WalShipper:
         # lease
         self._holder = {"host": socket.gethostname(), "pid": os.getpid(), "nonce": secrets.token_hex(8)}
         self._lease_held = False
-        self._lease_renew_at = 0.0
+        self._lease_renew_at: datetime | None = None
         self._lease_expires_at: datetime | None = None
         # status
         self._last_error: str | None = None
@@ -1595,7 +1597,8 @@ class WalShipper:
 
     def _lease_granted(self) -> None:
         self._lease_held = True
-        self._lease_renew_at = time.monotonic() + self.opts.lease_ttl / 3
+        # Wall clock, not monotonic: after a Mac's sleep the lease may have expired meanwhile.
+        self._lease_renew_at = self.clock() + timedelta(seconds=self.opts.lease_ttl / 3)
 
     def _takeover_allowed(self, cur: dict[str, Any]) -> bool:
         try:
@@ -1661,7 +1664,8 @@ class WalShipper:
         )
 
     async def _ensure_lease(self, force: bool = False) -> None:
-        if self._lease_held and not force and time.monotonic() < self._lease_renew_at:
+        renew_at = self._lease_renew_at
+        if self._lease_held and not force and renew_at is not None and self.clock() < renew_at:
             return
         if not self._lease_held:
             await self._acquire_lease()
