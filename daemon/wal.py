@@ -513,6 +513,7 @@ class _Engine:
         self.C: sqlite3.Connection | None = None  # runs checkpoints
         self.reading = False
         self.wal_mode = False
+        self.db_id: tuple[int, int] | None = None  # (device, inode) of the file we have open
         self.generation: str | None = None
         self.next_index = 0
         self.pos: WalPosition | None = None
@@ -542,6 +543,7 @@ class _Engine:
                 f"database {self.db_path} does not exist",
                 "check `root` in the config; tinyserved creates state.db on first start",
             )
+        self.db_id = self._db_identity()
         try:
             self.W = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
             mode = str(self.W.execute("PRAGMA journal_mode").fetchone()[0]).lower()
@@ -621,8 +623,36 @@ class _Engine:
         self.last_observed = now
         return now
 
+    def _db_identity(self) -> tuple[int, int] | None:
+        try:
+            st = self.db_path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _check_db(self) -> None:
+        # A restore swaps in another state.db (and moves its -wal aside) while we may be running:
+        # our connections would still see the old file while the -wal path shows the new one's.
+        ident = self._db_identity()
+        if ident != self.db_id:
+            raise _ContinuityLost(
+                "state.db was replaced (a restore?)" if ident else "state.db disappeared (a restore?)"
+            )
+
+    def _reopen_if_replaced(self) -> None:
+        if self._db_identity() == self.db_id and self.W is not None and self.R is not None:
+            return
+        self.close()
+        if not self.open():
+            raise WalError(
+                "the new state.db is not in WAL mode yet",
+                "it is retried automatically; tinyserved switches it to WAL when it starts",
+            )
+        log.info("wal_database_reopened", db=str(self.db_path))
+
     def _read(self) -> bool:
         """Read newly committed transactions into ``pending``; True if the WAL restarted."""
+        self._check_db()
         restarted = False
         while True:
             r = read_wal(self.wal_path, self.pos, max_bytes=self.opts.max_segment_bytes)
@@ -658,8 +688,11 @@ class _Engine:
                 return restarted
 
     def sync(self) -> _Step:
-        if self.broken is not None or self.generation is None or not self.reading:
+        if self.broken is not None or self.generation is None:
             return _Step()
+        if not self.reading:
+            # Detached by a failed reopen (state.db replaced): only a new generation re-attaches.
+            raise _ContinuityLost("not attached to state.db")
         restarted = self._read()
         return _Step(len(self.pending), self._checkpoint_due(), restarted)
 
@@ -796,6 +829,7 @@ class _Engine:
         if self.broken is None:
             # Commits read before continuity was lost are still good history of the old one.
             self._cut()
+        self._reopen_if_replaced()
         if not self._lock_writes(self.opts.lock_timeout):
             raise WalError(
                 "state.db stayed locked by a writer; cannot start a WAL generation",

@@ -757,3 +757,47 @@ async def test_rolled_back_wal_starts_new_generation(
         await second.stop()
     assert await restore_latest(local_storage, tmp_path / "out.db") == logical_dump(db)
     app.close()
+
+
+async def test_database_swapped_by_a_restore_starts_new_generation(
+    db: Path, tmp_path: Path, local_storage: LocalStorage
+) -> None:
+    """An in-place restore moves state.db and its -wal aside and puts another file there while the
+    daemon's shipper runs: it must re-attach to the new file, never mix the two."""
+    app = sqlite3.connect(db, isolation_level=None)
+    app.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    shipper = WalShipper(db, local_storage, tmp_path / "spool", fast_options(poll_interval=0.05))
+    await shipper.start()
+    gen = shipper.status()["generation"]
+
+    def events(path: Path, tag: str) -> None:  # rows nothing touches later: a mix would show
+        c = sqlite3.connect(path, isolation_level=None)
+        c.executemany("INSERT INTO events (at, payload) VALUES (?, ?)", [(i, tag * 50) for i in range(300)])
+        c.close()
+
+    try:
+        await asyncio.to_thread(events, db, "old")
+        await asyncio.to_thread(commit_rows, db, 0, 10)
+        assert await shipper.flush(10)
+        # The replacement: a different database, as the restore swap leaves it.
+        other = tmp_path / "other.db"
+        await asyncio.to_thread(init_db, other)
+        await asyncio.to_thread(events, other, "new")
+        await asyncio.to_thread(commit_rows, other, 500, 7)
+        app.close()  # tinyserved stopped
+        for suffix in ("", "-wal", "-shm"):
+            if await asyncio.to_thread(os.path.lexists, f"{db}{suffix}"):
+                await asyncio.to_thread(os.rename, f"{db}{suffix}", f"{db}{suffix}.pre-restore")
+        await asyncio.to_thread(os.rename, other, db)
+        app = sqlite3.connect(db, isolation_level=None)  # tinyserved started again
+        app.execute("INSERT INTO kv VALUES ('on-the-new-file', x'01', 1)")
+        await wait_for(lambda: shipper.status()["generation"] != gen, 10, "a new generation")
+        await asyncio.to_thread(commit_rows, db, 600, 5)
+        assert await shipper.flush(10)
+    finally:
+        await shipper.stop()
+    restored = await restore_latest(local_storage, tmp_path / "out.db")
+    assert restored == logical_dump(db)
+    assert ("on-the-new-file", b"\x01", 1) in restored["kv"]
+    assert {row[2][:3] for row in restored["events"]} == {"new"}
+    app.close()
