@@ -659,6 +659,8 @@ class _Engine:
             # Strictly increasing per read: commits read apart never share a time, so a segment
             # boundary never splits one instant (restore relies on it at gaps).
             now = self._observe(strictly_after=True)
+            if r.restarted or r.header is None:
+                self._check_db()  # a new WAL header could be another file's: check again
             if r.position_lost:
                 raise _ContinuityLost(
                     "the WAL no longer holds the frames last read (rolled back by a crash or power "
