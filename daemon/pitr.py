@@ -100,6 +100,11 @@ def parse_rfc3339(text: str) -> datetime:
     return dt.astimezone(UTC)
 
 
+def _rfc3339(dt: datetime) -> str:
+    """Times users read are RFC 3339, the form `restore --at` takes back."""
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 @dataclass(frozen=True)
 class PitrResult:
     output: Path
@@ -116,14 +121,14 @@ class PitrResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "output": str(self.output),
-            "target": format_ts(self.target) if self.target else None,
+            "target": _rfc3339(self.target) if self.target else None,
             "generation": self.generation,
             "snapshot": self.snapshot_key,
-            "snapshot_taken_at": format_ts(self.snapshot_taken_at),
+            "snapshot_taken_at": _rfc3339(self.snapshot_taken_at),
             "segments_applied": self.segments_applied,
             "commits_applied": self.commits_applied,
-            "restored_to": format_ts(self.restored_to),
-            "last_available_at": (format_ts(self.last_available_at) if self.last_available_at else None),
+            "restored_to": _rfc3339(self.restored_to),
+            "last_available_at": (_rfc3339(self.last_available_at) if self.last_available_at else None),
             "size_bytes": self.size_bytes,
         }
 

@@ -1305,14 +1305,28 @@ class WalShipper:
     def _start_watch(self) -> None:
         if not self.opts.watch:
             return
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.events import (
+            FileClosedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+            FileSystemEvent,
+            FileSystemEventHandler,
+        )
         from watchdog.observers import Observer
 
         names = {self.db_path.name + "-wal"}
         hint = self._hint_from_thread
+        # Only changes are hints. Our own reads of -wal raise open/close-no-write events; reacting
+        # to them made the shipper wake itself up ~20 times a second while idle.
+        wanted = [FileModifiedEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent, FileClosedEvent]
+        wanted_types = {"modified", "created", "deleted", "moved", "closed"}
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type not in wanted_types:
+                    return
                 for p in (event.src_path, getattr(event, "dest_path", "")):
                     if p and os.path.basename(os.fsdecode(p)) in names:
                         hint()
@@ -1320,7 +1334,10 @@ class WalShipper:
 
         _quiet_watchdog_stop_race()
         observer = Observer()
-        observer.schedule(Handler(), str(self.db_path.parent), recursive=False)
+        try:
+            observer.schedule(Handler(), str(self.db_path.parent), recursive=False, event_filter=wanted)
+        except TypeError:  # watchdog < 4 has no event_filter; the handler filters anyway
+            observer.schedule(Handler(), str(self.db_path.parent), recursive=False)
         observer.daemon = True
         observer.start()
         self._observer = observer
