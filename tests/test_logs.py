@@ -44,7 +44,7 @@ def test_json_lines_redaction_and_no_locals(tmp_path: Path) -> None:
     # the reader renders readable lines and filters
     lines = list(read_log_lines(log_file, level="warning"))
     assert len(lines) == 2 and "WARNING" in lines[0] and "request_failed" in lines[0]
-    assert list(read_log_lines(log_file, event="storage_*"))[0].split()[3] == "storage_configured"
+    assert next(iter(read_log_lines(log_file, event="storage_*"))).split()[3] == "storage_configured"
 
 
 def test_log_rotates_by_size(tmp_path: Path) -> None:
