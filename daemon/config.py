@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import paths
 from .errors import ConfigError
+from .fsutil import write_private_atomic
 
 ENV_CONFIG = "TINYSERVE_BACKUP_CONFIG"
 ENV_ROOT = "TINYSERVE_ROOT"
@@ -421,20 +422,8 @@ def _yaml_rt() -> Any:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write atomically with mode 0600 from the first byte (umask cannot widen it)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write the config (or another private text file) atomically with mode 0600."""
+    write_private_atomic(path, text)
 
 
 def edit_config(path: Path, updates: dict[str, Any]) -> Config:

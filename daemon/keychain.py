@@ -25,10 +25,8 @@ Nothing here logs, prints or raises with a secret in it.
 from __future__ import annotations
 
 import configparser
-import contextlib
 import os
 import re
-import secrets as _secrets
 import shutil
 import stat
 import subprocess
@@ -39,6 +37,7 @@ from typing import Final, Literal, NamedTuple
 import structlog
 
 from daemon.errors import CredentialsError
+from daemon.fsutil import write_private_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -375,45 +374,13 @@ def _file_store(path: Path, access_key_id: str, secret: str) -> None:
         + f"aws_access_key_id = {access_key_id}\n"
         + f"aws_secret_access_key = {secret}\n"
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_secrets.token_hex(4)}.tmp")
-    fd = -1
     try:
-        # 0600 from the first byte: the mode argument is only ever narrowed by the umask, and the
-        # fchmod undoes a umask that would remove the owner's own bits.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        os.fchmod(fd, 0o600)
-        data = text.encode("utf-8")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
+        write_private_atomic(path, text)
     except OSError as exc:
         raise CredentialsError(
             f"cannot write the credentials file {path}: {exc.strerror}",
             fix=f"check the permissions of {path.parent}, or set {ENV_FILE}",
         ) from exc
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _file_load(path: Path) -> Credentials | None:

@@ -34,6 +34,7 @@ from daemon.errors import (
     UsageError,
     WalError,
 )
+from daemon.fsutil import fsync_dir
 from daemon.storage import Storage
 from daemon.wal import (
     SEGMENT_FORMAT,
@@ -282,11 +283,7 @@ def _publish(tmp: Path, output: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, output)
-    fd = os.open(output.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(output.parent)
 
 
 def _plan(gen: GenerationInfo, snap: SnapshotInfo, target: datetime | None) -> list[SegmentInfo]:

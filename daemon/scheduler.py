@@ -25,6 +25,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from . import paths
 from .errors import ConfigError
+from .fsutil import write_private_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -318,29 +319,7 @@ class JobRecords:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     """temp + fsync + rename (+ fsync of the directory): readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    write_private_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def record_success(

@@ -35,6 +35,7 @@ from .errors import (
     StorageError,
     TransientStorageError,
 )
+from .fsutil import fsync_dir
 
 log = structlog.get_logger(__name__)
 
@@ -179,14 +180,6 @@ class LocalStorage(Storage):
                 "create it (or mount the disk), or fix `destination.url` in the config",
             )
 
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _write_atomic(self, key: str, data: bytes, if_none_match: bool) -> None:
         self._check_root()
         path = self._path(key)
@@ -208,7 +201,7 @@ class LocalStorage(Storage):
                     raise PreconditionFailedError(f"object {path.name} already exists") from None
             else:
                 os.replace(tmp, path)
-            self._fsync_dir(path.parent)
+            fsync_dir(path.parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

@@ -94,6 +94,7 @@ from daemon.errors import (
     StorageError,
     WalError,
 )
+from daemon.fsutil import fsync_dir
 from daemon.storage import Storage
 from daemon.walfile import (
     STOP_LIMIT,
@@ -350,14 +351,6 @@ class SpoolEntry:
         return (self.generation, self.index, 0 if self.kind == "snapshot" else 1)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Spool:
     """Objects waiting for upload, as files mirroring their keys under ``<dir>/objects``."""
 
@@ -397,7 +390,7 @@ class Spool:
         # New directories must survive a crash too, or the files in them do not.
         p = d
         while p != self.root and self.root in p.parents:
-            _fsync_dir(p.parent)
+            fsync_dir(p.parent)
             p = p.parent
 
     def _write_file(self, path: Path, chunks: Iterable[bytes]) -> int:
@@ -415,7 +408,7 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return size
 
     def put(self, key: str, data: bytes) -> Path:
@@ -947,7 +940,7 @@ class _Engine:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return SpoolEntry(
