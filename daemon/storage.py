@@ -36,6 +36,7 @@ from .errors import (
     TransientStorageError,
 )
 from .fsutil import fsync_dir
+from .streams import file_chunks
 
 log = structlog.get_logger(__name__)
 
@@ -261,18 +262,10 @@ class LocalStorage(Storage):
 
     async def download_stream(self, key: str) -> AsyncIterator[bytes]:
         path = self._path(key)
-        try:
-            f = await asyncio.to_thread(open, path, "rb")
-        except (FileNotFoundError, NotADirectoryError):
-            raise ObjectNotFoundError(f"object {key} not found at {self.url}") from None
-        try:
-            while True:
-                chunk = await asyncio.to_thread(f.read, MiB)
-                if not chunk:
-                    break
-                yield chunk
-        finally:
-            f.close()
+        if not await asyncio.to_thread(path.is_file):
+            raise ObjectNotFoundError(f"object {key} not found at {self.url}")
+        async for chunk in file_chunks(path):
+            yield chunk
 
     def _walk(self, prefix: str) -> builtins.list[ObjectInfo]:
         if not self.root.is_dir():
