@@ -767,6 +767,9 @@ _add_agent_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .runtime import tune_allocator
+
+    tune_allocator()
     try:
         rv = cli.main(args=argv, prog_name="tinyserve-backup", standalone_mode=False)
         if isinstance(rv, int) and rv:

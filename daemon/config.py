@@ -50,7 +50,7 @@ class Destination(_Model):
     region: str | None = None
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     profile: str | None = None
-    part_size_mb: int = Field(default=8, ge=5, le=1024)
+    part_size_mb: int = Field(default=5, ge=5, le=1024)
     concurrency: int = Field(default=4, ge=1, le=32)
 
     @field_validator("url")

@@ -13,6 +13,21 @@ import zstandard
 from .errors import IntegrityError, RestoreError
 
 CHUNK = 1024 * 1024
+# What threads=-1 means at most, and zstd's job size: zstd's default job (4 windows) times the jobs
+# in flight made read-ahead grow with the core count (113 MiB at 8 workers); 2 MiB jobs keep it
+# near 20 MiB for ~0.3% more output.
+MAX_ZSTD_WORKERS = 4
+ZSTD_JOB_SIZE = 2 << 20
+
+
+def zstd_compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
+    """The one zstd setup for every artifact: bounded memory, checksummed frames."""
+    if threads < 0:
+        threads = min(os.cpu_count() or 1, MAX_ZSTD_WORKERS)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=threads, job_size=ZSTD_JOB_SIZE if threads > 0 else 0, write_checksum=1
+    )
+    return zstandard.ZstdCompressor(compression_params=params)
 
 
 @contextlib.asynccontextmanager
@@ -40,7 +55,7 @@ async def file_chunks(path: Path, chunk: int = CHUNK) -> AsyncIterator[bytes]:
 async def compress_stream(
     chunks: AsyncIterable[bytes], level: int = 3, threads: int = -1
 ) -> AsyncIterator[bytes]:
-    cobj = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True).compressobj()
+    cobj = zstd_compressor(level, threads).compressobj()
     # aclosing: when we are closed or cancelled, the source (e.g. a `docker save` child) is closed
     # at once instead of whenever the garbage collector gets to it.
     async with _closing(chunks) as source:

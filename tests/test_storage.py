@@ -282,3 +282,31 @@ async def test_local_cancel_leaves_no_file(local_storage: LocalStorage) -> None:
     files = [p for p in local_storage.root.rglob("*") if p.is_file()]
     assert files == []
     assert os.listdir(local_storage.root) in ([], ["full"])
+
+
+def test_part_sizes_double_to_fit_s3_part_limit() -> None:
+    from daemon.storage import part_size_for
+
+    base = 5 * MiB
+    assert [part_size_for(n, base) for n in (1, 2000, 2001, 4001, 8001, 9999)] == [
+        base,
+        base,
+        2 * base,
+        4 * base,
+        16 * base,
+        16 * base,
+    ]
+    total = sum(part_size_for(n, base) for n in range(1, 10_001))
+    assert total > 300 * 1024**3
+
+
+async def test_rechunk_cuts_exact_parts() -> None:
+    from daemon.storage import _rechunk
+
+    async def src() -> AsyncIterator[bytes]:
+        for i in range(7):
+            yield bytes([i]) * 3_000_000
+
+    parts = [p async for p in _rechunk(src(), 5 * MiB)]
+    assert [len(p) for p in parts] == [5 * MiB] * 4 + [21_000_000 - 4 * 5 * MiB]
+    assert b"".join(parts) == b"".join(bytes([i]) * 3_000_000 for i in range(7))
