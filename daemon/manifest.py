@@ -271,7 +271,19 @@ async def find_backup(storage: Storage, ts: str, btype: str | None = None) -> Ba
         raise BackupNotFoundError(
             f"{ts!r} is not a backup timestamp", "timestamps look like 2026-01-10T03-00-00Z"
         )
-    refs = [r for r in await list_backups(storage, btype) if r.timestamp == ts]
+    import asyncio
+
+    types = (btype,) if btype else TYPES
+
+    async def one(t: str) -> BackupRef | None:
+        # Only this timestamp's prefix: a restore must not read every manifest in the bucket.
+        objs = await storage.list(f"{t}/{ts}/")
+        if not any(o.key == f"{t}/{ts}/{MANIFEST}" for o in objs):
+            return None
+        data = await storage.get_bytes(f"{t}/{ts}/{MANIFEST}")
+        return BackupRef(t, ts, parse_manifest(data, t, ts, objs))
+
+    refs = [r for r in await asyncio.gather(*(one(t) for t in types)) if r is not None]
     if not refs:
         what = f"{btype} backup" if btype else "complete backup"
         raise BackupNotFoundError(f"no {what} with timestamp {ts}")

@@ -198,52 +198,72 @@ class RestoreJob:
             stream = self.decryptor.decrypt_stream(stream, what=e.name)
         return stream
 
+    async def _stage_entry(self, plan: RestorePlan, e: ObjectEntry, dest: Path, staging: Path) -> None:
+        try:
+            if e.kind == "sqlite":
+                db = dest / "state.db"
+                chunks = self._decoded(plan, e)
+                await write_stream(decompress_stream(chunks, e.codec, e.name), db)
+                result = await asyncio.to_thread(integrity_check, db)
+                if result != "ok":
+                    raise IntegrityError(f"the database in {e.name} fails integrity_check: {result}")
+            elif e.kind == "tar":
+                if plan.services:
+                    select: set[str] | None = {f"services/{s}" for s in plan.services}
+                    allowed = entry_sources(e) | (select or set())
+                else:
+                    select = None
+                    allowed = entry_sources(e)
+                await extract_stream(
+                    self._decoded(plan, e),
+                    dest,
+                    codec=cast(Codec, e.codec) if e.codec in CODECS else "auto",
+                    allowed_top=allowed or None,
+                    select_top=select,
+                )
+            elif e.kind == "images":
+                self._images_file = staging / e.name.replace("/", "_")
+                # Kept compressed; decompressed into `docker load` after the swap, because loading
+                # images changes live Docker state and nothing live changes before verification.
+                await write_stream(self._decoded(plan, e), self._images_file)
+        except OSError as exc:
+            raise disk_error(exc, staging) from None
+
     async def stage(self, plan: RestorePlan, staging: Path) -> list[StagedItem]:
-        tree = staging / "root"
-        await asyncio.to_thread(tree.mkdir, parents=True)
-        images_file: Path | None = None
-        for e in plan.entries:
-            self.progress.start(e.name, e.size)
-            try:
-                if e.kind == "sqlite":
-                    dest = tree / "state.db"
-                    chunks = self._decoded(plan, e)
-                    await write_stream(decompress_stream(chunks, e.codec, e.name), dest)
-                    result = await asyncio.to_thread(integrity_check, dest)
-                    if result != "ok":
-                        raise IntegrityError(f"the database in {e.name} fails integrity_check: {result}")
-                elif e.kind == "tar":
-                    if plan.services:
-                        select = {f"services/{s}" for s in plan.services}
-                        allowed = entry_sources(e) | select
-                    else:
-                        select = None
-                        allowed = entry_sources(e)
-                    await extract_stream(
-                        self._decoded(plan, e),
-                        tree,
-                        codec=cast(Codec, e.codec) if e.codec in CODECS else "auto",
-                        allowed_top=allowed or None,
-                        select_top=select,
-                    )
-                elif e.kind == "images":
-                    images_file = staging / e.name
-                    # Kept compressed; decompressed into `docker load` after the swap.
-                    await write_stream(self._decoded(plan, e), images_file)
-            except OSError as exc:
-                raise disk_error(exc, staging) from None
-            finally:
-                self.progress.finish()
+        """Download, verify and unpack every object; each into its own directory, several at once."""
+        self.progress.start("download + verify", sum(e.size for e in plan.entries))
+        dirs = [staging / "parts" / str(n) for n in range(len(plan.entries))]
+        for d in dirs:
+            await asyncio.to_thread(d.mkdir, parents=True)
+        sem = asyncio.Semaphore(2)
+
+        async def one(e: ObjectEntry, d: Path) -> None:
+            async with sem:
+                await self._stage_entry(plan, e, d, staging)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for e, d in zip(plan.entries, dirs, strict=True):
+                    tg.create_task(one(e, d))
+        except BaseExceptionGroup as eg:
+            # One clear error (the first of ours), not a group, reaches the user.
+            first = next((x for x in eg.exceptions if isinstance(x, BackupError)), eg.exceptions[0])
+            raise first from None
+        finally:
+            self.progress.finish()
         staged = []
         for rel in plan.items:
-            p = tree / rel
-            if rel in CONFIG_DIRS and not p.exists():
+            found = None
+            for d in dirs:
+                if await asyncio.to_thread(os.path.lexists, d / rel):
+                    found = d / rel
+            if found is None and rel in CONFIG_DIRS:
                 # An archive that lacked a config dir restores it as empty, like the guide's tar.
-                await asyncio.to_thread(p.mkdir, parents=True, exist_ok=True)
-            if not await asyncio.to_thread(os.path.lexists, p):
+                found = dirs[0] / rel
+                await asyncio.to_thread(found.mkdir, parents=True, exist_ok=True)
+            if found is None:
                 raise IntegrityError(f"the backup does not contain {rel}")
-            staged.append(StagedItem(rel, p))
-        self._images_file = images_file
+            staged.append(StagedItem(rel, found))
         return staged
 
     # ---- step 3: swap ---------------------------------------------------------------------
