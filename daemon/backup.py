@@ -28,12 +28,13 @@ from .manifest import Manifest, ObjectEntry, format_ts
 from .service import run_command, tinyserve_version
 from .snapshot import snapshot_database
 from .storage import Storage
-from .streams import compress_stream, compressed_file_stream
+from .streams import MAX_ZSTD_WORKERS, compress_stream, file_chunks
 
 log = structlog.get_logger(__name__)
 
 CONFIG_DIRS = ["generated", "backups", "traefik", "cloudflared"]
 BACKUP_TYPES = ("partial", "full", "services")
+ARTIFACTS_AT_ONCE = 2
 
 
 class Progress(Protocol):
@@ -167,6 +168,10 @@ class BackupJob:
 
         root = self.root
         level, threads = self.cfg.compression.level, self.cfg.compression.threads
+        if threads < 0:
+            # Two artifacts compress at once (see run), so each gets half the workers: the same
+            # cores in use, half the zstd buffers each.
+            threads = max(1, min(os.cpu_count() or 1, MAX_ZSTD_WORKERS) // ARTIFACTS_AT_ONCE)
         arts: list[Artifact] = []
         all_services = await asyncio.to_thread(list_services, root)
         if btype in ("partial", "full"):
@@ -175,7 +180,7 @@ class BackupJob:
                 snap = tmpdir / "state.db"
 
                 def db_stream() -> AsyncIterator[bytes]:
-                    return compressed_file_stream(snap, level=level, threads=threads)
+                    return compress_stream(self._counted(file_chunks(snap)), level, threads)
 
                 arts.append(Artifact("state.db.zst", "sqlite", ["state.db"], "zstd", db_stream, service=None))
             else:
@@ -208,7 +213,7 @@ class BackupJob:
                 imgs = list(images)
 
                 def image_stream() -> AsyncIterator[bytes]:
-                    return compress_stream(save_images(imgs), level, threads)
+                    return compress_stream(self._counted(save_images(imgs)), level, threads)
 
                 arts.append(Artifact("images.tar.zst", "images", imgs, "zstd", image_stream))
         for a in arts:
@@ -222,12 +227,26 @@ class BackupJob:
         art = Artifact(name, "tar", members, "zstd", lambda: iter_empty())
 
         def produce() -> AsyncIterator[bytes]:
-            stream = archive_stream(self.root, members, codec="zstd", level=level, threads=threads)
+            seen = 0
+
+            def on_bytes_in(total: int) -> None:
+                nonlocal seen
+                self.progress.advance(total - seen)
+                seen = total
+
+            stream = archive_stream(
+                self.root, members, codec="zstd", level=level, threads=threads, progress=on_bytes_in
+            )
             art.stats = getattr(stream, "stats", None)
             return stream
 
         art.produce = produce
         return art
+
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for c in chunks:
+            self.progress.advance(len(c))
+            yield c
 
     # ---- running ------------------------------------------------------------------------
 
@@ -241,28 +260,14 @@ class BackupJob:
         raise BackupError(f"a {btype} backup with timestamp {ts} already exists", "try again")
 
     async def _upload(self, key: str, art: Artifact) -> ObjectEntry:
-        stream = art.produce()
-        raw = 0
-
-        async def measured() -> AsyncIterator[bytes]:
-            nonlocal raw
-            async for c in stream:
-                raw += len(c)
-                self.progress.advance(len(c))
-                yield c
-
-        body: AsyncIterator[bytes] = measured()
+        body: AsyncIterator[bytes] = art.produce()
         encryption = None
         name = art.name
         if self.encryptor is not None:
             body = self.encryptor.encrypt_stream(body, what=art.name)
             encryption = "age"
             name += ".age"
-        self.progress.start(art.name, art.estimate)
-        try:
-            res = await self.storage.upload_stream(key + name, body)
-        finally:
-            self.progress.finish()
+        res = await self.storage.upload_stream(key + name, body)
         return ObjectEntry(
             name=name,
             kind=art.kind,
@@ -291,6 +296,27 @@ class BackupJob:
                 f"fix `hooks.{service}.{which}` in the config",
             )
 
+    async def _artifact(self, prefix: str, art: Artifact, warnings: list[str]) -> ObjectEntry:
+        """One artifact with its service's hooks around it; post runs even when pre or it failed."""
+        try:
+            if art.service:
+                await self._hook(art.service, "pre")
+            entry = await self._upload(prefix, art)
+        finally:
+            if art.service:
+                try:
+                    await self._hook(art.service, "post")
+                except BackupError as exc:
+                    log.error("hook_failed", service=art.service, error=exc.message)
+                    warnings.append(exc.message)
+        stats = art.stats
+        for changed in getattr(stats, "changed", []) or []:
+            warnings.append(f"file changed while it was read ({changed.reason}): {changed.path}")
+        for skipped in getattr(stats, "skipped", []) or []:
+            warnings.append(f"skipped ({skipped.reason}): {skipped.path}")
+        log.info("artifact_uploaded", name=entry.name, size_bytes=entry.size, sha256=entry.sha256)
+        return entry
+
     async def run(self, btype: str, services: list[str] | None = None) -> BackupResult:
         if btype not in BACKUP_TYPES:
             raise UsageError(f"unknown backup type {btype!r}")
@@ -311,6 +337,7 @@ class BackupJob:
         entries: list[ObjectEntry] = []
         warnings: list[str] = []
         ok = False
+        version_task = asyncio.create_task(tinyserve_version())
         try:
             arts = await self._artifacts(btype, services, tmpdir)
             if any(a.kind == "sqlite" for a in arts):
@@ -318,34 +345,33 @@ class BackupJob:
                 for a in arts:
                     if a.kind == "sqlite":
                         a.estimate = size
-            for art in arts:
-                try:
-                    if art.service:
-                        await self._hook(art.service, "pre")
-                    entry = await self._upload(prefix, art)
-                finally:
-                    if art.service:
-                        # post runs even when pre or the archive failed (e.g. restart a stopped
-                        # database container)
-                        try:
-                            await self._hook(art.service, "post")
-                        except BackupError as exc:
-                            log.error("hook_failed", service=art.service, error=exc.message)
-                            warnings.append(exc.message)
-                entries.append(entry)
-                stats = art.stats
-                for changed in getattr(stats, "changed", []) or []:
-                    warnings.append(f"file changed while it was read ({changed.reason}): {changed.path}")
-                for skipped in getattr(stats, "skipped", []) or []:
-                    warnings.append(f"skipped ({skipped.reason}): {skipped.path}")
-                log.info("artifact_uploaded", name=entry.name, size_bytes=entry.size, sha256=entry.sha256)
+            self.progress.start(f"{btype} backup", sum(a.estimate or 0 for a in arts) or None)
+            results: list[ObjectEntry | None] = [None] * len(arts)
+            # Two artifacts at a time hide one upload's completion behind the next one's
+            # compression; memory stays bounded because all uploads share the storage's part slots.
+            slots = asyncio.Semaphore(ARTIFACTS_AT_ONCE)
+
+            async def one(i: int, art: Artifact) -> None:
+                async with slots:
+                    results[i] = await self._artifact(prefix, art, warnings)
+
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for i, art in enumerate(arts):
+                        tg.create_task(one(i, art))
+            except BaseExceptionGroup as eg:
+                first = next((x for x in eg.exceptions if isinstance(x, BackupError)), eg.exceptions[0])
+                raise first from None
+            finally:
+                self.progress.finish()
+            entries = [e for e in results if e is not None]
             manifest = Manifest(
                 type=btype,
                 timestamp=ts,
                 objects=entries,
                 hostname=socket.gethostname(),
                 tool_version=__version__,
-                tinyserve_version=await tinyserve_version(),
+                tinyserve_version=await version_task,
                 root=str(self.root),
                 created_at=started.isoformat(),
                 completed_at=self.now().isoformat(),
@@ -358,6 +384,8 @@ class BackupJob:
             ok = True
         finally:
             await asyncio.to_thread(_rmtree, tmpdir)
+            if not version_task.done():
+                version_task.cancel()
             if not ok:
                 await asyncio.shield(self._discard(prefix))
         dt = time.monotonic() - t0

@@ -481,6 +481,7 @@ class S3Storage(Storage):
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._open_lock = asyncio.Lock()
+        self._part_slots: asyncio.Semaphore | None = None
 
     def _full(self, key: str) -> str:
         return f"{self._prefix}/{key}" if self._prefix else key
@@ -611,7 +612,11 @@ class S3Storage(Storage):
         )
         upload_id: str = resp["UploadId"]
         etags: dict[int, str] = {}
-        sem = asyncio.Semaphore(self.concurrency)
+        if self._part_slots is None:
+            # Shared by every upload of this storage: concurrent artifacts never hold more than
+            # `concurrency` parts in flight between them.
+            self._part_slots = asyncio.Semaphore(self.concurrency)
+        sem = self._part_slots
         tasks: set[asyncio.Task[None]] = set()
         failure: list[BaseException] = []
 
