@@ -144,28 +144,20 @@ def test_cli_missing_config(tmp_path: Path) -> None:
     assert "tinyserve-backup config" in res.stderr
 
 
-def test_cli_malformed_yaml(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("root: /x\n  bad: [\n", "YAML syntax error"),
+        ("rooot: /x\n", "did you mean `root`"),
+        ("schedule:\n  partial: every day\n", "cron"),
+        ("destination:\n  url: gs://bucket/x\n", "unknown destination scheme"),
+    ],
+    ids=["malformed-yaml", "unknown-key", "invalid-cron", "unknown-scheme"],
+)
+def test_cli_bad_config_is_one_clear_line(tmp_path: Path, text: str, needle: str) -> None:
     p = tmp_path / "c.yaml"
-    p.write_text("root: /x\n  bad: [\n")
-    _assert_one_line_error(run_cli("--config", str(p), "list"), "YAML syntax error")
-
-
-def test_cli_unknown_key(tmp_path: Path) -> None:
-    p = tmp_path / "c.yaml"
-    p.write_text("rooot: /x\n")
-    _assert_one_line_error(run_cli("--config", str(p), "list"), "did you mean `root`")
-
-
-def test_cli_invalid_cron(tmp_path: Path) -> None:
-    p = tmp_path / "c.yaml"
-    p.write_text("schedule:\n  partial: every day\n")
-    _assert_one_line_error(run_cli("--config", str(p), "list"), "cron")
-
-
-def test_cli_unknown_scheme(tmp_path: Path) -> None:
-    p = tmp_path / "c.yaml"
-    p.write_text("destination:\n  url: gs://bucket/x\n")
-    _assert_one_line_error(run_cli("--config", str(p), "list"), "unknown destination scheme")
+    p.write_text(text)
+    _assert_one_line_error(run_cli("--config", str(p), "list"), needle)
 
 
 def test_cli_config_env_var(tmp_path: Path) -> None:
