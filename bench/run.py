@@ -156,6 +156,17 @@ def ensure_restic() -> str | None:
     return None if shutil.which("restic") else "apt-get installed restic but it is not on PATH"
 
 
+def ensure_aws() -> None:
+    """The guide's scripts need `aws`: install the AWS CLI into this venv when it is missing."""
+    if shutil.which("aws"):
+        return
+    log("installing the AWS CLI (pip, into this venv) for the guide's scripts")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "awscli>=1.29"], check=False, timeout=900)
+    venv_bin = os.path.dirname(sys.executable)
+    if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+
+
 def machine_info() -> dict[str, str]:
     cpu = "unknown"
     try:
@@ -1139,6 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_start": load_start,
             "size": size,
         }
+        ensure_aws()
         if not shutil.which("aws"):
             b.guide_error = "the AWS CLI (`aws`, v1 ≥ 1.29 or v2 ≥ 2.13 for AWS_ENDPOINT_URL) is not on PATH"
         if restic_err:
