@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import structlog
 
-from .archive import CODECS, Codec, HashingStream, extract_stream
+from .archive import CODECS, Codec, extract_stream
 from .backup import CONFIG_DIRS, NoProgress, Progress
 from .config import Config
 from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
@@ -36,7 +36,7 @@ from .manifest import BackupRef, ObjectEntry, find_backup
 from .service import Tinyserved
 from .snapshot import integrity_check
 from .storage import Storage
-from .streams import decompress_stream, disk_error, file_chunks, write_stream
+from .streams import HashingStream, decompress_stream, disk_error, file_chunks, write_stream
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import hashlib
 import os
 import random
 import secrets
@@ -36,7 +35,7 @@ from .errors import (
     TransientStorageError,
 )
 from .fsutil import fsync_dir
-from .streams import file_chunks
+from .streams import HashingStream, file_chunks
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +44,6 @@ T = TypeVar("T")
 MiB = 1024 * 1024
 # S3 refuses parts under 5 MiB (except the last one).
 MIN_PART_SIZE = 5 * MiB
-# Hashing a chunk this large in the loop would stall it; hashlib releases the GIL in a thread.
-_HASH_IN_THREAD = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,13 +77,6 @@ class RetryPolicy:
         # Full jitter keeps several retrying parts from hammering a recovering endpoint in step.
         cap = min(self.max_delay, self.base_delay * (2**attempt))
         return random.uniform(cap / 2, cap)
-
-
-async def hash_update(h: Any, data: bytes) -> None:
-    if len(data) >= _HASH_IN_THREAD:
-        await asyncio.to_thread(h.update, data)
-    else:
-        h.update(data)
 
 
 class Storage(ABC):
@@ -263,14 +253,11 @@ class LocalStorage(Storage):
         path = self._path(key)
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         tmp = self._tmp_for(path)
-        h = hashlib.sha256()
-        size = 0
+        hs = HashingStream(chunks)
         f = await asyncio.to_thread(open, tmp, "wb")
         try:
-            async for chunk in chunks:
-                await hash_update(h, chunk)
+            async for chunk in hs:
                 await asyncio.to_thread(f.write, chunk)
-                size += len(chunk)
             await asyncio.to_thread(f.flush)
             await asyncio.to_thread(os.fsync, f.fileno())
             await asyncio.to_thread(f.close)
@@ -280,7 +267,7 @@ class LocalStorage(Storage):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        return UploadResult(key=key, size=size, sha256=h.hexdigest())
+        return UploadResult(key=key, size=hs.size, sha256=hs.sha256)
 
     async def download_stream(self, key: str) -> AsyncIterator[bytes]:
         path = self._path(key)
@@ -587,15 +574,12 @@ class S3Storage(Storage):
 
     async def upload_stream(self, key: str, chunks: AsyncIterator[bytes]) -> UploadResult:
         full = self._full(key)
-        h = hashlib.sha256()
-        size = 0
-        parts = _rechunk(chunks, self.part_size)
+        hs = HashingStream(chunks)
+        parts = _rechunk(hs, self.part_size)
         try:
             first = await anext(parts)
         except StopAsyncIteration:
             first = b""
-        await hash_update(h, first)
-        size += len(first)
         try:
             second = await anext(parts)
         except StopAsyncIteration:
@@ -604,7 +588,7 @@ class S3Storage(Storage):
                 f"put {key}",
                 lambda c: c.put_object(Bucket=self.s.bucket, Key=full, Body=first),
             )
-            return UploadResult(key=key, size=size, sha256=h.hexdigest())
+            return UploadResult(key=key, size=hs.size, sha256=hs.sha256)
 
         resp = await self._call(
             f"create multipart {key}",
@@ -653,13 +637,9 @@ class S3Storage(Storage):
             number = 1
             await submit(number, first)
             number += 1
-            await hash_update(h, second)
-            size += len(second)
             await submit(number, second)
             async for body in parts:
                 number += 1
-                await hash_update(h, body)
-                size += len(body)
                 await submit(number, body)
             if tasks:
                 await asyncio.gather(*list(tasks))
@@ -684,7 +664,7 @@ class S3Storage(Storage):
                 await asyncio.shield(self._abort(full, upload_id))
             log.warning("upload_aborted", key=key, error=type(exc).__name__)
             raise
-        return UploadResult(key=key, size=size, sha256=h.hexdigest())
+        return UploadResult(key=key, size=hs.size, sha256=hs.sha256)
 
     async def _abort(self, full: str, upload_id: str) -> None:
         client = await self._get_client()

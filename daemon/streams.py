@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
@@ -28,6 +29,50 @@ def zstd_compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
         level, threads=threads, job_size=ZSTD_JOB_SIZE if threads > 0 else 0, write_checksum=1
     )
     return zstandard.ZstdCompressor(compression_params=params)
+
+
+class HashingStream(AsyncIterator[bytes]):
+    """Pass chunks through unchanged while computing their size and sha256.
+
+    Chunks of ``offload_threshold`` bytes or more are hashed in a thread (hashlib releases the GIL)
+    so big chunks never stall the loop.  ``size``/``sha256`` are final once the source is exhausted
+    (``finished``).
+    """
+
+    def __init__(self, source: AsyncIterable[bytes], *, offload_threshold: int = 256 * 1024) -> None:
+        self._source = source
+        self._it = aiter(source)
+        self._hash = hashlib.sha256()
+        self._threshold = offload_threshold
+        self.size = 0
+        self.finished = False
+
+    @property
+    def sha256(self) -> str:
+        if not self.finished:
+            raise RuntimeError("the stream has not been read to the end")
+        return self._hash.hexdigest()
+
+    def __aiter__(self) -> HashingStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._it.__anext__()
+        except StopAsyncIteration:
+            self.finished = True
+            raise
+        if len(chunk) >= self._threshold:
+            await asyncio.to_thread(self._hash.update, chunk)
+        else:
+            self._hash.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._it, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 @contextlib.asynccontextmanager

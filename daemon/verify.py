@@ -12,13 +12,13 @@ from typing import Any, cast
 
 import structlog
 
-from .archive import CODECS, Codec, HashingStream, extract_stream, test_decompress
+from .archive import CODECS, Codec, extract_stream, test_decompress
 from .errors import BackupError, EncryptionError, IntegrityError
 from .manifest import BackupRef, ObjectEntry
 from .restore import entry_sources
 from .snapshot import integrity_check
 from .storage import Storage
-from .streams import decompress_stream, write_stream
+from .streams import HashingStream, decompress_stream, write_stream
 
 log = structlog.get_logger(__name__)
 
