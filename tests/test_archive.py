@@ -20,7 +20,6 @@ from structlog.testing import capture_logs
 
 from daemon.archive import (
     ArchiveStats,
-    HashingStream,
     Writer,
     _encode_header,
     _format_pax_time,
@@ -29,6 +28,7 @@ from daemon.archive import (
     test_decompress,
 )
 from daemon.errors import BackupError, IntegrityError
+from daemon.streams import HashingStream
 
 MiB = 1 << 20
 HAVE_ZSTD_TOOLS = shutil.which("tar") is not None and shutil.which("zstd") is not None
