@@ -15,7 +15,6 @@ import hashlib
 import os
 import re
 import secrets
-import sqlite3
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,9 @@ from daemon.errors import (
     WalError,
 )
 from daemon.fsutil import fsync_dir
+from daemon.snapshot import integrity_check
 from daemon.storage import Storage
+from daemon.streams import HashingStream, write_stream
 from daemon.wal import (
     SEGMENT_FORMAT,
     SNAPSHOT_FORMAT,
@@ -219,15 +220,9 @@ def _decode_segment(data: bytes, info: SegmentInfo, identity: Decryptor | None) 
 
 async def _download_to(storage: Storage, key: str, dest: Path) -> str:
     """Stream an object to ``dest``; returns the sha256 of what was received."""
-    h = hashlib.sha256()
-    f = await asyncio.to_thread(open, dest, "wb")
-    try:
-        async for chunk in storage.download_stream(key):
-            h.update(chunk)
-            await asyncio.to_thread(f.write, chunk)
-    finally:
-        await asyncio.to_thread(f.close)
-    return h.hexdigest()
+    hs = HashingStream(storage.download_stream(key))
+    await write_stream(hs, dest)
+    return hs.sha256
 
 
 def _unpack_snapshot(src: Path, dest: Path, snap: SnapshotInfo) -> dict[str, Any]:
@@ -257,15 +252,9 @@ def _unpack_snapshot(src: Path, dest: Path, snap: SnapshotInfo) -> dict[str, Any
 
 
 def _integrity_check(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    try:
-        rows = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
-    except sqlite3.DatabaseError as e:
-        raise IntegrityError(f"the restored database does not open: {e}") from None
-    finally:
-        conn.close()
-    if rows != ["ok"]:
-        raise IntegrityError("the restored database fails PRAGMA integrity_check: " + "; ".join(rows[:5]))
+    result = integrity_check(path)
+    if result != "ok":
+        raise IntegrityError(f"the restored database fails PRAGMA integrity_check: {result}")
 
 
 def _check_output(output: Path) -> None:

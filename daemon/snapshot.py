@@ -66,7 +66,9 @@ def integrity_check(db: Path) -> str:
     """
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute("PRAGMA integrity_check").fetchall()
+        rows = conn.execute("PRAGMA integrity_check(20)").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return f"the file does not open as a database: {exc}"
     finally:
         conn.close()
     return "ok" if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows[:5])

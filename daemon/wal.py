@@ -76,7 +76,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -96,6 +96,7 @@ from daemon.errors import (
 )
 from daemon.fsutil import fsync_dir
 from daemon.storage import Storage
+from daemon.streams import file_chunks
 from daemon.walfile import (
     STOP_LIMIT,
     Transaction,
@@ -1571,7 +1572,7 @@ class WalShipper:
             data = await asyncio.to_thread(entry.path.read_bytes)
             await self.storage.put_bytes(entry.key, data)
             return
-        result = await self.storage.upload_stream(entry.key, _file_chunks(entry.path, self.storage.part_size))
+        result = await self.storage.upload_stream(entry.key, file_chunks(entry.path, self.storage.part_size))
         expected = entry.key.rsplit("-", 1)[1].split(".", 1)[0]
         if result.sha256 != expected:
             raise StorageError(
@@ -1782,15 +1783,6 @@ class WalShipper:
 
 def _iso(dt: datetime | None) -> str | None:
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z") if dt else None
-
-
-async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
-    f = await asyncio.to_thread(open, path, "rb")
-    try:
-        while chunk := await asyncio.to_thread(f.read, size):
-            yield chunk
-    finally:
-        f.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -373,3 +373,16 @@ async def test_guide_partial_and_single_service_from_guide_full(
     ref = next(r for r in await list_backups(s3_storage) if r.timestamp == part.timestamp)
     check = await verify_backup(s3_storage, ref)
     assert check.ok and not any(o.verified for o in check.objects)
+
+
+async def test_object_that_is_not_a_database_is_refused(root: RootInfo, s3_storage: S3Storage) -> None:
+    ts = "2026-01-02T03-00-00Z"
+    await s3_storage.put_bytes(f"partial/{ts}/state.db", b"this is not a SQLite database" * 100)
+    await s3_storage.put_bytes(
+        f"partial/{ts}/manifest.json", b'{"timestamp": "' + ts.encode() + b'", "type": "partial"}'
+    )
+    live = snapshot(root.path)
+    with pytest.raises(IntegrityError, match="does not open as a database"):
+        await RestoreJob(cfg_for(root.path), s3_storage).run(ts)
+    assert snapshot(root.path) == live
+    assert ctl_calls() == []
