@@ -24,7 +24,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import structlog
 
@@ -93,6 +93,11 @@ def entry_sources(e: ObjectEntry) -> set[str]:
     if e.name.startswith("services"):
         return {"services"}
     return set()
+
+
+def archive_codec(e: ObjectEntry) -> Codec | Literal["auto"]:
+    """The manifest's codec for an archive; anything unknown is sniffed from the bytes."""
+    return cast(Codec, e.codec) if e.codec in CODECS else "auto"
 
 
 class RestoreJob:
@@ -217,7 +222,7 @@ class RestoreJob:
                 await extract_stream(
                     self._decoded(plan, e),
                     dest,
-                    codec=cast(Codec, e.codec) if e.codec in CODECS else "auto",
+                    codec=archive_codec(e),
                     allowed_top=allowed or None,
                     select_top=select,
                 )

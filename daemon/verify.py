@@ -8,14 +8,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
-from .archive import CODECS, Codec, extract_stream, test_decompress
+from .archive import extract_stream, test_decompress
 from .errors import BackupError, EncryptionError, IntegrityError
 from .manifest import BackupRef, ObjectEntry
-from .restore import entry_sources
+from .restore import archive_codec, entry_sources
 from .snapshot import integrity_check
 from .storage import Storage
 from .streams import HashingStream, decompress_stream, write_stream
@@ -53,10 +53,6 @@ class BackupCheck:
         }
 
 
-def _codec(e: ObjectEntry) -> Codec:
-    return cast(Codec, e.codec) if e.codec in CODECS else "none"
-
-
 async def _check_object(
     storage: Storage, ref: BackupRef, e: ObjectEntry, decryptor: Any, scratch: Path, deep_dir: Path | None
 ) -> ObjectCheck:
@@ -72,11 +68,11 @@ async def _check_object(
         if e.kind == "tar":
             if deep_dir is not None:
                 stats = await extract_stream(
-                    stream, deep_dir, codec=_codec(e), allowed_top=entry_sources(e) or None
+                    stream, deep_dir, codec=archive_codec(e), allowed_top=entry_sources(e) or None
                 )
                 detail = f"{stats.members} members extracted"
             else:
-                res = await test_decompress(stream, _codec(e), allowed_top=entry_sources(e) or None)
+                res = await test_decompress(stream, archive_codec(e), allowed_top=entry_sources(e) or None)
                 detail = f"{res[1]} members, {res[0]} bytes uncompressed"
         elif e.kind == "sqlite":
             db = scratch / f"{ref.type}-{ref.timestamp}-state.db"
