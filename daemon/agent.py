@@ -25,7 +25,6 @@ import importlib.resources
 import os
 import plistlib
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import structlog
 
 from daemon import keychain, paths
 from daemon.errors import AgentError, BackupError
+from daemon.fsutil import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -349,26 +349,6 @@ def validate_unit(text: str) -> dict[str, dict[str, list[str]]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
 def ensure_config(config_path: Path) -> bool:
     """Create the config from the packaged example (0600) unless one exists; True if created."""
     if config_path.exists():
@@ -552,14 +532,14 @@ def install_agent(kind: str | None, config_path: Path, program: Path) -> Install
         launchd_log_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
         crash_log = crash_log_path()
         # 0644: launchd ignores agents whose plist is writable by group or others.
-        _write_atomic(target, data, 0o644)
+        write_atomic(target, data, mode=0o644)
         was_running = _launchd_bootout(tool)
         # A job someone once `launchctl disable`d refuses to bootstrap; clear that override.
         _run([tool, "enable", f"{_gui_domain()}/{LABEL}"])
         _launchd_bootstrap(tool, target)
     else:
         text = render_unit(program, config_path)
-        _write_atomic(target, text.encode("utf-8"), 0o644)
+        write_atomic(target, text, mode=0o644)
         _systemd_check(_systemctl_user(tool, "daemon-reload"), "daemon-reload")
         active = _systemctl_user(tool, "is-active", UNIT_NAME)
         was_running = active.returncode == 0 and active.stdout.strip() == "active"

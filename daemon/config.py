@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import paths
 from .errors import ConfigError
-from .fsutil import write_private_atomic
+from .fsutil import write_atomic
 
 ENV_CONFIG = "TINYSERVE_BACKUP_CONFIG"
 ENV_ROOT = "TINYSERVE_ROOT"
@@ -423,7 +423,7 @@ def _yaml_rt() -> Any:
 
 def write_private(path: Path, text: str) -> None:
     """Write the config (or another private text file) atomically with mode 0600."""
-    write_private_atomic(path, text)
+    write_atomic(path, text)
 
 
 def edit_config(path: Path, updates: dict[str, Any]) -> Config:

@@ -28,8 +28,9 @@ def fsync_dir(directory: Path, *, strict: bool = True) -> None:
         os.close(fd)
 
 
-def write_private_atomic(path: Path, data: bytes | str) -> None:
-    """Replace ``path`` with ``data``: mode 0600 from the first byte, fsync'd, atomic rename.
+def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: ``mode`` (private by default) from the first byte, fsync'd,
+    atomic rename.
 
     Readers see the old file or the new one, never a torn one. The mode argument of ``open`` is only
     ever narrowed by the umask; the fchmod undoes a umask that would remove the owner's own bits.
@@ -38,9 +39,9 @@ def write_private_atomic(path: Path, data: bytes | str) -> None:
         data = data.encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

@@ -37,7 +37,7 @@ from typing import Final, Literal, NamedTuple
 import structlog
 
 from daemon.errors import CredentialsError
-from daemon.fsutil import write_private_atomic
+from daemon.fsutil import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -375,7 +375,7 @@ def _file_store(path: Path, access_key_id: str, secret: str) -> None:
         + f"aws_secret_access_key = {secret}\n"
     )
     try:
-        write_private_atomic(path, text)
+        write_atomic(path, text)
     except OSError as exc:
         raise CredentialsError(
             f"cannot write the credentials file {path}: {exc.strerror}",

@@ -25,7 +25,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from . import paths
 from .errors import ConfigError
-from .fsutil import write_private_atomic
+from .fsutil import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -319,7 +319,7 @@ class JobRecords:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     """temp + fsync + rename (+ fsync of the directory): readers see the old file or the new one."""
-    write_private_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def record_success(
