@@ -21,7 +21,6 @@ event loop, so plain ``subprocess.run`` (bounded by timeouts) is fine here.
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import os
 import plistlib
 import re
@@ -157,25 +156,19 @@ def resolve_kind(kind: str | None = None) -> Kind:
 # ---------------------------------------------------------------------------------------------
 
 
-def _packaged_text(package: str, name: str, checkout_dir: str) -> str:
-    """A data file from the installed package, else from the source checkout (dev runs)."""
+def _packaged_text(kind: str, name: str) -> str:
+    """A data file shipped with the program (``paths.resource``: wheel, else source checkout)."""
     try:
-        resource = importlib.resources.files(package) / name
-        if resource.is_file():
-            return resource.read_text(encoding="utf-8")
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        pass
-    local = Path(__file__).resolve().parent.parent / checkout_dir / name
-    if local.is_file():
-        return local.read_text(encoding="utf-8")
-    raise AgentError(
-        f"the packaged file {name} is missing from this installation",
-        fix="reinstall with `make install-agent` from a complete checkout",
-    )
+        return paths.resource(kind, name).read_text(encoding="utf-8")
+    except OSError:
+        raise AgentError(
+            f"the packaged file {name} is missing from this installation",
+            fix="reinstall with `make install-agent` from a complete checkout",
+        ) from None
 
 
 def template_text(name: str) -> str:
-    return _packaged_text("daemon.launchd", name, "launchd")
+    return _packaged_text("launchd", name)
 
 
 def agent_path_env(program: Path) -> str:
@@ -353,7 +346,7 @@ def ensure_config(config_path: Path) -> bool:
     """Create the config from the packaged example (0600) unless one exists; True if created."""
     if config_path.exists():
         return False
-    example = _packaged_text("daemon.config_examples", CONFIG_EXAMPLE, "config")
+    example = _packaged_text("config", CONFIG_EXAMPLE)
     try:
         config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # O_EXCL: never clobber a config another process created meanwhile.

@@ -798,7 +798,3 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(70)
     sys.exit(0)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
