@@ -22,6 +22,7 @@ from . import __version__
 from .config import Config, edit_config, load_config, resolve_config_path
 from .errors import BackupError, ConfigError, CredentialsError, UsageError
 from .logs import setup_logging
+from .status import human_size
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -59,14 +60,6 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
 
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

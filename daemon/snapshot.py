@@ -51,13 +51,6 @@ async def snapshot_database(src: Path, dest: Path) -> int:
         ) from None
 
 
-def is_wal_mode(db: Path) -> bool:
-    with open(db, "rb") as f:
-        header = f.read(20)
-    # Bytes 18/19 of the header are the read/write format versions: 2 means WAL.
-    return len(header) >= 20 and header[18] == 2 and header[19] == 2
-
-
 def integrity_check(db: Path) -> str:
     """``PRAGMA integrity_check`` on a file nobody else has open.
 

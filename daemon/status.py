@@ -129,15 +129,16 @@ def _human_age(seconds: float | None) -> str:
     return text + (" ago" if seconds >= 0 else " from now")
 
 
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def _size(n: Any) -> str:
-    if not isinstance(n, int | float):
-        return "?"
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if v < 1024 or unit == "GiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{v:.1f} GiB"
+    return human_size(float(n)) if isinstance(n, int | float) else "?"
 
 
 def render_human(d: dict[str, Any], now: datetime | None = None) -> str:

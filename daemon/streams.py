@@ -113,11 +113,6 @@ async def compress_stream(
         yield tail
 
 
-async def compressed_file_stream(path: Path, level: int = 3, threads: int = -1) -> AsyncIterator[bytes]:
-    async for out in compress_stream(file_chunks(path), level, threads):
-        yield out
-
-
 async def decompress_stream(
     chunks: AsyncIterable[bytes], codec: str, what: str = "object"
 ) -> AsyncIterator[bytes]:
