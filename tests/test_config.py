@@ -237,37 +237,13 @@ def test_cli_unreachable_endpoint(tmp_path: Path) -> None:
 def test_cli_wrong_secret(tmp_path: Path, s3_auth_server: tuple[MotoServer, str, str, str]) -> None:
     server, bucket, key_id, secret = s3_auth_server
     p = tmp_path / "c.yaml"
+    argv = ["--config", str(p), "config", "--bucket", bucket, "--endpoint", server.endpoint]
+    argv += ["--path-style", "--access-key", key_id, "--secret-key-stdin"]
     wrong = "WRONG" + secret[5:]
-    res = run_cli(
-        "--config",
-        str(p),
-        "config",
-        "--bucket",
-        bucket,
-        "--endpoint",
-        server.endpoint,
-        "--path-style",
-        "--access-key",
-        key_id,
-        "--secret-key-stdin",
-        input=wrong + "\n",
-    )
+    res = run_cli(*argv, input=wrong + "\n")
     _assert_one_line_error(res, "access denied")
     assert wrong not in res.stderr and wrong not in res.stdout
-    res = run_cli(
-        "--config",
-        str(p),
-        "config",
-        "--bucket",
-        bucket,
-        "--endpoint",
-        server.endpoint,
-        "--path-style",
-        "--access-key",
-        key_id,
-        "--secret-key-stdin",
-        input=secret + "\n",
-    )
+    res = run_cli(*argv, input=secret + "\n")
     assert res.returncode == 0, res.stderr
 
 
