@@ -1117,6 +1117,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         restic_err = None
     info = machine_info()
+    # Installed, the tool runs from compiled bytecode (pip compiles it; the AWS CLI's is too); the
+    # runs below set PYTHONDONTWRITEBYTECODE, so a checkout would recompile every module each time.
+    import compileall
+
+    compileall.compile_dir(str(REPO / "daemon"), quiet=1)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tsb-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"work directory {work}")

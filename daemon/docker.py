@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -341,33 +343,89 @@ async def save_images(
         await _terminate(proc, stderr_task)
 
 
-async def load_images(chunks: AsyncIterable[bytes]) -> list[str]:
+# `docker load` (the classic store and the containerd one alike) reads the whole archive up to
+# tar's end-of-archive blocks before it registers an image or moves a tag. Withholding the last
+# bytes therefore keeps a fully fed load pending, and killing it then leaves Docker unchanged.
+TAIL_HOLD_BYTES = 64 * 1024
+
+
+async def load_images(
+    chunks: AsyncIterable[bytes],
+    *,
+    commit: asyncio.Event | None = None,
+    fed: asyncio.Event | None = None,
+) -> list[str]:
     """Feed a docker-save tar, chunk by chunk, into ``docker load``; return the loaded names.
 
     Names are what docker prints (``name:tag``, or ``sha256:…`` for an untagged image).  If the
     source raises or the caller is cancelled, ``docker load`` is killed before it sees the end of the
     archive, so a partial archive is never loaded.  The source iterator is not closed here.
+
+    With ``commit``, the archive's last ``TAIL_HOLD_BYTES`` are held back until ``commit`` is set:
+    docker does all the work of reading the archive while the caller checks everything else, and
+    loads nothing unless the caller lets it finish (cancelling the call kills it).  ``fed`` is set
+    once the source is exhausted and everything but that tail has been written.
     """
     docker = find_docker()
     started = time.monotonic()
     proc = await _spawn(docker, "load", stdin=asyncio.subprocess.PIPE)
     assert proc.stdin is not None
+    _widen_pipe(proc.stdin)
     stdout_task = asyncio.create_task(_tail(proc.stdout, _STDOUT_LIMIT_BYTES))
     stderr_task = asyncio.create_task(_tail(proc.stderr))
-    fed = 0
+    fed_bytes = 0
     log.info("docker_load_started", pid=proc.pid)
+    held: deque[bytes] = deque()
+    held_bytes = 0
+
+    async def send(chunk: bytes) -> bool:
+        nonlocal fed_bytes
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(chunk)
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            return False  # docker gave up on the archive; its stderr says why
+        fed_bytes += len(chunk)
+        return True
+
     try:
         stopped_reading = False
         async for chunk in chunks:
             if not chunk:
                 continue
-            try:
-                proc.stdin.write(chunk)
-                await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError):
-                stopped_reading = True  # docker gave up on the archive; its stderr says why
+            if commit is None:
+                if not await send(chunk):
+                    stopped_reading = True
+                    break
+                continue
+            held.append(chunk)
+            held_bytes += len(chunk)
+            while len(held) > 1 and held_bytes - len(held[0]) >= TAIL_HOLD_BYTES:
+                first = held.popleft()
+                held_bytes -= len(first)
+                if not await send(first):
+                    stopped_reading = True
+                    break
+            if stopped_reading:
                 break
-            fed += len(chunk)
+        if commit is not None and not stopped_reading:
+            if fed is not None:
+                fed.set()
+            log.info("docker_load_waiting", fed_bytes=fed_bytes, held_bytes=held_bytes)
+            exited = asyncio.ensure_future(proc.wait())
+            released = asyncio.ensure_future(commit.wait())
+            try:
+                await asyncio.wait({exited, released}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                released.cancel()
+                if not exited.done():
+                    exited.cancel()
+            if proc.returncode is not None:
+                stopped_reading = True  # it ended without the tail: its exit code and stderr say why
+            else:
+                while held and not stopped_reading:
+                    stopped_reading = not await send(held.popleft())
         if not stopped_reading:
             proc.stdin.close()
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -375,19 +433,32 @@ async def load_images(chunks: AsyncIterable[bytes]) -> list[str]:
         returncode = await proc.wait()
         stdout, stderr = await stdout_task, await stderr_task
         if returncode != 0:
-            raise _failure("load", returncode, stderr, extra=f" after {fed} bytes")
+            raise _failure("load", returncode, stderr, extra=f" after {fed_bytes} bytes")
         if stopped_reading:
             raise DockerError(
-                f"`docker load` stopped reading after {fed} bytes of the image archive",
+                f"`docker load` stopped reading after {fed_bytes} bytes of the image archive",
                 "run `tinyserve-backup verify` on this backup; the images archive may be damaged",
             )
         loaded = _parse_loaded(stdout)
         log.info(
-            "docker_load_done", images=loaded, size_bytes=fed, seconds=round(time.monotonic() - started, 3)
+            "docker_load_done",
+            images=loaded,
+            size_bytes=fed_bytes,
+            seconds=round(time.monotonic() - started, 3),
         )
         return loaded
     finally:
         await _terminate(proc, stdout_task, stderr_task)
+
+
+def _widen_pipe(stream: asyncio.StreamWriter) -> None:
+    """Grow the pipe to docker (Linux; 64 KiB by default) so a 1 MiB chunk goes in one write."""
+    pipe = stream.get_extra_info("pipe")
+    setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if pipe is None or setsz is None:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe.fileno(), setsz, DEFAULT_CHUNK_SIZE)
 
 
 def _parse_loaded(stdout: bytes) -> list[str]:

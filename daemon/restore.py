@@ -3,13 +3,15 @@
 Order of work (nothing live changes before step 3):
   1. every object the restore needs is downloaded into a staging directory beside the root and
      checked against the manifest (size, sha256); archives are extracted there with the hostile-
-     archive rules of ``archive.extract_stream``; the database is integrity-checked there;
+     archive rules of ``archive.extract_stream``; the database is integrity-checked there; the
+     images archive streams into ``docker load`` meanwhile, its last bytes held back, so Docker
+     reads it in parallel but loads nothing yet;
   2. the caller confirms (TTY) and tinyserved is stopped;
   3. each replaced item is moved aside as ``<name>.pre-restore`` (kept until the next successful
      restore) and the staged item renamed into place — same filesystem, so each swap is atomic;
      a restored ``state.db`` never has a stale ``-wal``/``-shm`` beside it;
   4. ``PRAGMA integrity_check`` on the database now in place (a failure still rolls back);
-     Docker images are loaded (full backups);
+     the held-back tail of the images archive is sent and ``docker load`` finishes (full backups);
   5. tinyserved is started — also after a failure past step 2, once the old state is rolled back;
   6. ``tinyserve status`` when it exists.
 """
@@ -36,11 +38,12 @@ from .manifest import BackupRef, ObjectEntry, find_backup
 from .service import Tinyserved
 from .snapshot import integrity_check
 from .storage import Storage
-from .streams import HashingStream, decompress_stream, disk_error, file_chunks, write_stream
+from .streams import HashingStream, decompress_stream, disk_error, write_stream
 
 log = structlog.get_logger(__name__)
 
 PRE = ".pre-restore"
+STAGE_AT_ONCE = 2  # objects downloaded and unpacked at once (the images archive counts as one)
 DB_SIDE_FILES = ("state.db-wal", "state.db-shm", "state.db-journal")
 
 
@@ -119,8 +122,9 @@ class RestoreJob:
         self.progress = progress or NoProgress()
         self.confirm = confirm
         self.warnings: list[str] = []
-        self._images_file: Path | None = None
         self._trash: Path | None = None
+        self._load: asyncio.Task[list[str]] | None = None
+        self._load_commit = asyncio.Event()
 
     # ---- step 0: plan ---------------------------------------------------------------------
 
@@ -227,12 +231,40 @@ class RestoreJob:
                     select_top=select,
                 )
             elif e.kind == "images":
-                self._images_file = staging / e.name.replace("/", "_")
-                # Kept compressed; decompressed into `docker load` after the swap, because loading
-                # images changes live Docker state and nothing live changes before verification.
-                await write_stream(self._decoded(plan, e), self._images_file)
+                await self._start_load(plan, e)
         except OSError as exc:
             raise disk_error(exc, staging) from None
+
+    async def _start_load(self, plan: RestorePlan, e: ObjectEntry) -> None:
+        """Stream the images archive into ``docker load``; return once all but its tail is in.
+
+        Loading images changes live Docker state, so ``docker load`` must not finish before every
+        object is verified and the swap is done; but it need not wait to start. It reads the archive
+        now, in parallel with the other downloads, minus the last bytes (``TAIL_HOLD_BYTES``), which
+        ``_apply`` sends after the swap. A damaged archive (its sha256 is known only at the end)
+        or any failure before that kills it with nothing loaded.
+        """
+        from .docker import check_docker, load_images
+
+        await check_docker()  # an engine that is down is reported now, before anything stops
+        fed = asyncio.Event()
+        source = decompress_stream(self._decoded(plan, e), e.codec, e.name)
+        self._load = asyncio.create_task(load_images(source, commit=self._load_commit, fed=fed))
+        waiter = asyncio.ensure_future(fed.wait())
+        try:
+            await asyncio.wait({waiter, self._load}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if self._load.done():
+            await self._load  # it ended early: raises docker's error
+
+    async def _cancel_load(self) -> None:
+        """Kill a ``docker load`` that was not let finish (nothing of it is loaded)."""
+        load, self._load = self._load, None
+        if load is not None and not load.done():
+            load.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BackupError):
+                await load
 
     async def stage(self, plan: RestorePlan, staging: Path) -> list[StagedItem]:
         """Download, verify and unpack every object; each into its own directory, several at once."""
@@ -240,15 +272,20 @@ class RestoreJob:
         dirs = [staging / "parts" / str(n) for n in range(len(plan.entries))]
         for d in dirs:
             await asyncio.to_thread(d.mkdir, parents=True)
-        sem = asyncio.Semaphore(2)
+        sem = asyncio.Semaphore(STAGE_AT_ONCE)
 
         async def one(e: ObjectEntry, d: Path) -> None:
             async with sem:
                 await self._stage_entry(plan, e, d, staging)
 
+        # The images first (Docker's share of the work then overlaps everything else), then the
+        # largest first, so one big archive does not start last and run alone.
+        order = sorted(
+            zip(plan.entries, dirs, strict=True), key=lambda ed: (ed[0].kind != "images", -ed[0].size)
+        )
         try:
             async with asyncio.TaskGroup() as tg:
-                for e, d in zip(plan.entries, dirs, strict=True):
+                for e, d in order:
                     tg.create_task(one(e, d))
         except BaseExceptionGroup as eg:
             # One clear error (the first of ours), not a group, reaches the user.
@@ -342,6 +379,7 @@ class RestoreJob:
                 raise RestoreError("restore cancelled; nothing was changed", "")
             return await self._apply(plan, items)
         finally:
+            await self._cancel_load()
             await asyncio.to_thread(shutil.rmtree, staging, True)
 
     async def _apply(self, plan: RestorePlan, items: list[StagedItem]) -> RestoreResult:
@@ -350,6 +388,8 @@ class RestoreJob:
         aside: list[str] = []
         await self.tinyserved.stop()
         integrity = "not restored"
+        if self._load is not None and self._load.done():
+            await self._load  # docker ended while waiting for its tail: its error, before the stop
         try:
             # Shielded: once files start moving, a SIGTERM must not leave half a swap behind.
             aside = await asyncio.shield(asyncio.to_thread(self._swap, items, journal))
@@ -358,15 +398,12 @@ class RestoreJob:
                 integrity = await asyncio.to_thread(integrity_check, self.root / "state.db")
                 if integrity != "ok":
                     raise IntegrityError(f"restored state.db fails integrity_check: {integrity}")
-            if self._images_file is not None:
-                from .docker import load_images
-
-                entry = next(e for e in plan.entries if e.kind == "images")
-                loaded = await load_images(
-                    decompress_stream(file_chunks(self._images_file), entry.codec, entry.name)
-                )
+            if self._load is not None:
+                self._load_commit.set()
+                loaded = await self._load
         except BaseException as exc:
             log.error("restore_failed_rolling_back", error=getattr(exc, "message", type(exc).__name__))
+            await self._cancel_load()
             await asyncio.shield(asyncio.to_thread(self._rollback, journal))
             with contextlib.suppress(BackupError):
                 await self.tinyserved.start()

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon import docker
-from daemon.errors import ConfigError, DockerError
+from daemon.errors import ConfigError, DockerError, IntegrityError
 from tests.helpers.rootfactory import create_image, fake_path, make_root, read_calls
 
 
@@ -278,6 +279,50 @@ async def test_failing_source_kills_docker_load_before_anything_is_loaded(
         await docker.load_images(broken())
     assert_reaped(spawned)
     assert await docker.inspect_images(["redis:7"]) == {"redis:7": None}
+
+
+async def test_gated_load_reads_all_but_the_tail_and_loads_only_when_released(
+    tmp_path: Path, store: Path, images: dict[str, str], monkeypatch: pytest.MonkeyPatch, spawned: list[Any]
+) -> None:
+    refs = sorted(images)
+    data = await collect(docker.save_images(refs))
+    assert len(data) > 4 * docker.TAIL_HOLD_BYTES
+    monkeypatch.setenv("FAKE_DOCKER_STATE", str(tmp_path / "docker-b"))
+    spawned.clear()
+    commit, fed = asyncio.Event(), asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(docker.load_images(replay(data), commit=commit, fed=fed))
+        await asyncio.wait_for(fed.wait(), 30)
+    waiting = next(e for e in logs if e["event"] == "docker_load_waiting")
+    # all but the tail is in docker's hands, and it is still waiting for the end
+    assert len(data) - docker.TAIL_HOLD_BYTES - 50_000 <= waiting["fed_bytes"] < len(data)
+    load = spawned[0]
+    assert load.returncode is None
+    assert await docker.inspect_images(refs) == dict.fromkeys(refs)
+    commit.set()
+    assert sorted(await asyncio.wait_for(task, 30)) == refs
+    assert load.returncode == 0
+    assert await docker.inspect_images(refs) == images
+
+
+async def test_gated_load_of_a_source_failing_at_its_end_loads_nothing(
+    tmp_path: Path, store: Path, images: dict[str, str], monkeypatch: pytest.MonkeyPatch, spawned: list[Any]
+) -> None:
+    """A download's checksum is known only after its last byte: that must still stop the load."""
+    refs = sorted(images)
+    data = await collect(docker.save_images(refs))
+    monkeypatch.setenv("FAKE_DOCKER_STATE", str(tmp_path / "docker-b"))
+    spawned.clear()
+
+    async def damaged() -> AsyncIterator[bytes]:
+        async for chunk in replay(data):
+            yield chunk
+        raise IntegrityError("images.tar.zst does not match its sha256 in the manifest")
+
+    with pytest.raises(IntegrityError):
+        await docker.load_images(damaged(), commit=asyncio.Event())
+    assert_reaped(spawned)
+    assert await docker.inspect_images(refs) == dict.fromkeys(refs)
 
 
 async def test_cancelling_a_stalled_load_kills_and_reaps_it(

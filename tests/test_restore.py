@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -9,14 +10,23 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from daemon import docker
 from daemon.backup import BackupJob
 from daemon.config import Config, parse_config
-from daemon.errors import BackupNotFoundError, DockerError, IntegrityError, UnsafeArchiveError
+from daemon.docker import inspect_images
+from daemon.errors import (
+    BackupNotFoundError,
+    DockerError,
+    IntegrityError,
+    RestoreError,
+    UnsafeArchiveError,
+)
 from daemon.manifest import list_backups
-from daemon.restore import RestoreJob
+from daemon.restore import RestoreJob, RestorePlan
 from daemon.storage import S3Storage
 from daemon.verify import verify_backup
 from tests.conftest import run_cli
@@ -221,12 +231,73 @@ async def test_failure_after_stop_rolls_back_and_starts(
     res = await BackupJob(cfg, s3_storage).run("full")
     (root.path / "generated" / "marker").write_text("live")
     live = snapshot(root.path)
-    monkeypatch.setenv("FAKE_DOCKER_DAEMON_DOWN", "1")  # Docker Desktop not running: load fails
-    with pytest.raises(DockerError):
+    shutil.rmtree(os.environ["FAKE_DOCKER_STATE"])
+    # the engine takes the whole archive, then fails to store it: after the stop and the swap
+    monkeypatch.setenv("FAKE_DOCKER_LOAD_FAIL_AT_END", "1")
+    with pytest.raises(DockerError, match="no space left"):
         await RestoreJob(cfg, s3_storage).run(res.timestamp)
     assert snapshot(root.path) == live
     assert ctl_calls() == [["stop"], ["start"]]
     assert not any(".pre-restore" in p.name for p in root.path.iterdir())
+    assert await inspect_images(root.images) == dict.fromkeys(root.images)
+
+
+async def test_docker_down_refuses_a_full_restore_before_anything_stops(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("full")
+    live = snapshot(root.path)
+    monkeypatch.setenv("FAKE_DOCKER_DAEMON_DOWN", "1")  # Docker Desktop not running
+    with pytest.raises(DockerError, match="Docker"):
+        await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    assert snapshot(root.path) == live
+    assert ctl_calls() == []  # tinyserved never stopped
+    assert sorted(p.name for p in root.path.parent.iterdir() if p.name.startswith(".")) == []
+
+
+async def test_images_stream_into_docker_but_load_only_after_the_swap(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docker load reads the archive while the rest is staged, yet loads nothing until the swap."""
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("full")
+    shutil.rmtree(os.environ["FAKE_DOCKER_STATE"])
+    loads: list[asyncio.subprocess.Process] = []
+    real_spawn = docker._spawn
+
+    async def spy(*argv: str, **kw: Any) -> asyncio.subprocess.Process:
+        proc = await real_spawn(*argv, **kw)
+        if argv[1:2] == ("load",):
+            loads.append(proc)
+        return proc
+
+    monkeypatch.setattr(docker, "_spawn", spy)
+    seen: dict[str, object] = {}
+
+    async def confirm(plan: RestorePlan) -> bool:
+        # everything is staged and the user is being asked: docker is mid-load, nothing loaded
+        seen["running"] = [p.returncode is None for p in loads]
+        seen["images"] = await inspect_images(root.images)
+        seen["tree"] = snapshot(root.path) == live
+        return answer
+
+    live = snapshot(root.path)
+    answer = False
+    with pytest.raises(RestoreError, match="cancelled"):
+        await RestoreJob(cfg, s3_storage, confirm=confirm).run(res.timestamp)
+    assert seen == {"running": [True], "images": dict.fromkeys(root.images), "tree": True}
+    assert loads[0].returncode == -9  # killed (and reaped) when the user said no
+    assert await inspect_images(root.images) == dict.fromkeys(root.images)
+    assert ctl_calls() == []
+
+    answer = True
+    out = await RestoreJob(cfg, s3_storage, confirm=confirm).run(res.timestamp)
+    assert seen["running"] == [False, True] and seen["images"] == dict.fromkeys(root.images)
+    assert sorted(out.images_loaded) == sorted(root.images)
+    assert loads[1].returncode == 0
+    assert None not in (await inspect_images(root.images)).values()
+    assert ctl_calls() == [["stop"], ["start"]]
 
 
 async def test_restore_onto_new_machine_via_cli(

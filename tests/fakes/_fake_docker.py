@@ -24,6 +24,8 @@ Fault injection (environment):
     FAKE_DOCKER_SAVE_FAIL_AFTER=N          `save` writes N bytes, then fails (stderr message, exit 1)
     FAKE_DOCKER_SAVE_STALL_AFTER=N         `save` writes N bytes, then hangs (for cancellation tests)
     FAKE_DOCKER_LOAD_STALL_AFTER=N         `load` reads N bytes, then stops reading and hangs
+    FAKE_DOCKER_LOAD_FAIL_AT_END=1         `load` reads the whole archive, then fails like an engine
+                                           whose disk is full, before registering anything
     FAKE_DOCKER_SAVE_FORMAT=oci|legacy     archive layout written by `save` (default oci)
 """
 
@@ -880,6 +882,11 @@ def load(store: Store, src: BinaryIO, quiet: bool = False) -> list[str]:
                 layer_files.append((staged, digest))
             plan.append((config_digest, repo_tags, [(config_staged, config_digest), *layer_files]))
 
+        if os.environ.get("FAKE_DOCKER_LOAD_FAIL_AT_END") not in (None, "", "0"):
+            raise DockerFail(
+                "Error response from daemon: write /var/lib/docker/tmp/docker-import-fake: "
+                "no space left on device"
+            )
         with store.locked():
             for config_digest, repo_tags, blobs in plan:
                 for staged, digest in blobs:
