@@ -46,6 +46,7 @@ from .alerts import Alerter
 from .config import Config, iter_secret_values, load_config
 from .errors import BackupError, LockError
 from .logs import redact, register_secret, setup_logging
+from .runtime import release_memory
 from .scheduler import (
     Clock,
     JobRecords,
@@ -589,6 +590,9 @@ class Daemon:
                 log.exception("job_crashed", type=name)
                 msg = f"internal error ({type(exc).__name__}); details in the log"
             await self._job_failed(name, reason, started, t0, msg)
+        finally:
+            # The daemon idles for hours between jobs: hand the job's buffers back to the system.
+            await asyncio.to_thread(release_memory)
 
     async def _job_failed(self, name: str, reason: str, started: datetime, t0: float, msg: str) -> None:
         now = self.clock.now()

@@ -13,7 +13,7 @@ _M_ARENA_MAX = -8
 # Every chunk this program moves (1 MiB reads, 2 MiB zstd jobs) stays below the mmap threshold,
 # and up to the trim threshold of freed memory stays mapped at the top of the heap.
 MMAP_THRESHOLD = 4 << 20
-TRIM_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 16 << 20
 
 
 def tune_allocator() -> None:
@@ -42,3 +42,14 @@ def tune_allocator() -> None:
     mallopt(_M_ARENA_MAX, 1)
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the system (after a job, before a long idle). glibc only."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
