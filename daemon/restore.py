@@ -103,6 +103,72 @@ def archive_codec(e: ObjectEntry) -> Codec | Literal["auto"]:
     return cast(Codec, e.codec) if e.codec in CODECS else "auto"
 
 
+class Swap:
+    """Step 3: move live items aside and staged ones in, journaled so a failure can undo it all."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.journal: list[tuple[Path, Path]] = []
+        # the previous restore's leftovers, deleted once this one has succeeded
+        self.trash = root / f".restore-trash-{secrets.token_hex(4)}"
+
+    def _move(self, src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dst)
+        self.journal.append((src, dst))
+
+    def apply(self, items: list[StagedItem]) -> list[str]:
+        """Swap every item in; returns the root-relative names kept aside as ``*.pre-restore``."""
+        root = self.root
+        root.mkdir(parents=True, exist_ok=True)
+        aside: list[str] = []
+        for item in items:
+            live = root / item.rel
+            pre = live.with_name(live.name + PRE)
+            if os.path.lexists(pre):
+                self._move(pre, self.trash / item.rel)
+            side = [root / n for n in DB_SIDE_FILES] if item.rel == "state.db" else []
+            for s in side:
+                spre = s.with_name(s.name + PRE)
+                if os.path.lexists(spre):
+                    self._move(spre, self.trash / s.name)
+            if os.path.lexists(live):
+                self._move(live, pre)
+                aside.append(str(pre.relative_to(root)))
+            for s in side:
+                if os.path.lexists(s):
+                    self._move(s, s.with_name(s.name + PRE))
+            self._move(item.staged, live)
+        return aside
+
+    def rollback(self) -> None:
+        for src, dst in reversed(self.journal):
+            try:
+                if os.path.lexists(src):
+                    # Something new sits where the old item was; keep it out of the way.
+                    shutil.rmtree(src) if src.is_dir() and not src.is_symlink() else src.unlink()
+                os.rename(dst, src)
+            except OSError as exc:
+                log.error("rollback_step_failed", src=str(src), dst=str(dst), error=str(exc))
+        self.journal.clear()
+
+    def discard_trash(self) -> None:
+        shutil.rmtree(self.trash, ignore_errors=True)
+
+
+async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -> list[str]:
+    """Stop tinyserved, swap ``items`` in; on failure roll back and start it again, then raise."""
+    await tinyserved.stop()
+    try:
+        # Shielded: once files start moving, a SIGTERM must not leave half a swap behind.
+        return await asyncio.shield(asyncio.to_thread(swap.apply, items))
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(swap.rollback))
+        with contextlib.suppress(BackupError):
+            await tinyserved.start()
+        raise
+
+
 class RestoreJob:
     def __init__(
         self,
@@ -122,7 +188,6 @@ class RestoreJob:
         self.progress = progress or NoProgress()
         self.confirm = confirm
         self.warnings: list[str] = []
-        self._trash: Path | None = None
         self._load: asyncio.Task[list[str]] | None = None
         self._load_commit = asyncio.Event()
 
@@ -308,51 +373,6 @@ class RestoreJob:
             staged.append(StagedItem(rel, found))
         return staged
 
-    # ---- step 3: swap ---------------------------------------------------------------------
-
-    def _swap(self, items: list[StagedItem], journal: list[tuple[str, Path, Path]]) -> list[str]:
-        """Move live items aside and staged ones in; every move is recorded for rollback."""
-        root = self.root
-        root.mkdir(parents=True, exist_ok=True)
-        trash = root / f".restore-trash-{secrets.token_hex(4)}"
-        aside: list[str] = []
-
-        def move(src: Path, dst: Path) -> None:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(src, dst)
-            journal.append(("move", src, dst))
-
-        for item in items:
-            live = root / item.rel
-            pre = live.with_name(live.name + PRE)
-            # The previous restore's leftovers make way for this restore's (deleted on success).
-            if os.path.lexists(pre):
-                move(pre, trash / item.rel)
-            side = [root / n for n in DB_SIDE_FILES] if item.rel == "state.db" else []
-            for s in side:
-                spre = s.with_name(s.name + PRE)
-                if os.path.lexists(spre):
-                    move(spre, trash / s.name)
-            if os.path.lexists(live):
-                move(live, pre)
-                aside.append(str(pre.relative_to(root)))
-            for s in side:
-                if os.path.lexists(s):
-                    move(s, s.with_name(s.name + PRE))
-            move(item.staged, live)
-        self._trash = trash
-        return aside
-
-    def _rollback(self, journal: list[tuple[str, Path, Path]]) -> None:
-        for _op, src, dst in reversed(journal):
-            try:
-                if os.path.lexists(src):
-                    # Something new sits where the old item was; keep it out of the way.
-                    shutil.rmtree(src) if src.is_dir() and not src.is_symlink() else src.unlink()
-                os.rename(dst, src)
-            except OSError as exc:
-                log.error("rollback_step_failed", src=str(src), dst=str(dst), error=str(exc))
-
     # ---- the whole restore ----------------------------------------------------------------
 
     async def run(
@@ -383,16 +403,17 @@ class RestoreJob:
             await asyncio.to_thread(shutil.rmtree, staging, True)
 
     async def _apply(self, plan: RestorePlan, items: list[StagedItem]) -> RestoreResult:
-        journal: list[tuple[str, Path, Path]] = []
+        swap = Swap(self.root)
         loaded: list[str] = []
-        aside: list[str] = []
-        await self.tinyserved.stop()
         integrity = "not restored"
         if self._load is not None and self._load.done():
             await self._load  # docker ended while waiting for its tail: its error, before the stop
         try:
-            # Shielded: once files start moving, a SIGTERM must not leave half a swap behind.
-            aside = await asyncio.shield(asyncio.to_thread(self._swap, items, journal))
+            aside = await swap_in(swap, items, self.tinyserved)
+        except OSError as exc:
+            log.error("restore_failed_rolled_back", error=str(exc))
+            raise disk_error(exc, self.root) from None
+        try:
             if "state.db" in plan.items:
                 # Checked in place before tinyserved starts, so a bad result can still roll back.
                 integrity = await asyncio.to_thread(integrity_check, self.root / "state.db")
@@ -404,15 +425,14 @@ class RestoreJob:
         except BaseException as exc:
             log.error("restore_failed_rolling_back", error=getattr(exc, "message", type(exc).__name__))
             await self._cancel_load()
-            await asyncio.shield(asyncio.to_thread(self._rollback, journal))
+            await asyncio.shield(asyncio.to_thread(swap.rollback))
             with contextlib.suppress(BackupError):
                 await self.tinyserved.start()
             if isinstance(exc, OSError):
                 raise disk_error(exc, self.root) from None
             raise
         await self.tinyserved.start()
-        if self._trash is not None:
-            await asyncio.to_thread(shutil.rmtree, self._trash, True)
+        await asyncio.to_thread(swap.discard_trash)
         ok, status = await self.tinyserved.status()
         if not ok:
             self.warnings.append(f"tinyserve status reports a problem: {status[-200:]}")
@@ -437,18 +457,9 @@ class RestoreJob:
 
 async def swap_database(cfg: Config, staged_db: Path, tinyserved: Tinyserved | None = None) -> list[str]:
     """Replace the live state.db with an already verified file (used by point-in-time restore)."""
-    job = RestoreJob(cfg, storage=None, tinyserved=tinyserved)  # type: ignore[arg-type]
-    staging = staged_db
-    journal: list[tuple[str, Path, Path]] = []
-    await job.tinyserved.stop()
-    try:
-        aside = await asyncio.shield(asyncio.to_thread(job._swap, [StagedItem("state.db", staging)], journal))
-    except BaseException:
-        await asyncio.shield(asyncio.to_thread(job._rollback, journal))
-        with contextlib.suppress(BackupError):
-            await job.tinyserved.start()
-        raise
-    await job.tinyserved.start()
-    if job._trash is not None:
-        await asyncio.to_thread(shutil.rmtree, job._trash, True)
+    ts = tinyserved or Tinyserved.from_config(cfg)
+    swap = Swap(cfg.root)
+    aside = await swap_in(swap, [StagedItem("state.db", staged_db)], ts)
+    await ts.start()
+    await asyncio.to_thread(swap.discard_trash)
     return aside
