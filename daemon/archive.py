@@ -18,6 +18,7 @@ import asyncio
 import errno
 import gzip
 import hashlib
+import io
 import os
 import stat
 import tarfile
@@ -25,7 +26,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, TypeVar, cast
@@ -49,7 +50,6 @@ AGE_MAGIC = b"age-encryption.org/"
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_QUEUE_CHUNKS = 4
 _READ_SIZE = 1 << 20
-_TAR_BUFSIZE = 256 * 1024
 _PROGRESS_INTERVAL = 0.1
 _WORKER_JOIN_TIMEOUT = 30.0
 _ZEROS = bytes(_READ_SIZE)
@@ -1082,6 +1082,7 @@ class _ChannelReader:
 
     def __init__(self, chan: _InChannel) -> None:
         self._chan = chan
+        self._chunk = b""  # the chunk _cur views, handed out whole (no copy) when read whole
         self._cur = memoryview(b"")
         self._eof = False
         self.count = 0
@@ -1097,6 +1098,7 @@ class _ChannelReader:
                 return False
             if self.observer is not None:
                 self.observer(chunk)
+            self._chunk = chunk
             self._cur = memoryview(chunk)
         return True
 
@@ -1111,7 +1113,8 @@ class _ChannelReader:
                 break
             if self.observer is not None:
                 self.observer(chunk)
-            self._cur = memoryview(bytes(self._cur) + chunk)
+            self._chunk = bytes(self._cur) + chunk
+            self._cur = memoryview(self._chunk)
         return bytes(self._cur[:n])
 
     @property
@@ -1125,7 +1128,8 @@ class _ChannelReader:
         if not self._fill():
             return b""
         if size < 0 or size >= len(self._cur):
-            out = self._cur.tobytes()
+            out = self._chunk if len(self._cur) == len(self._chunk) else self._cur.tobytes()
+            self._chunk = b""
             self._cur = memoryview(b"")
         else:
             out = self._cur[:size].tobytes()
@@ -1172,6 +1176,85 @@ class _DecodedReader:
             pass
 
     def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _ForwardReader:
+    """The decoded tar stream as a file that tarfile opens in random-access mode ("r:").
+
+    In stream mode ("r|") tarfile passes every byte through its own buffer (joined, then sliced
+    twice) and member data through a BufferedReader as well; here member data is read straight
+    from the decompressor (``read_exactly``). Reading an archive in order needs only forward
+    seeks, plus tarfile's one-byte look-back before each header, which the last byte read covers.
+    """
+
+    def __init__(self, source: _DecodedReader) -> None:
+        self._src = source
+        self._pos = 0  # bytes taken from the source
+        self._last = b""  # the last byte taken, for the one-byte look-back
+        self._back = False  # that byte is to be read again
+
+    def tell(self) -> int:
+        return self._pos - 1 if self._back else self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = [self.read(_READ_SIZE)]
+            while parts[-1]:
+                parts.append(self.read(_READ_SIZE))
+            return b"".join(parts)
+        return self.read_exactly(size)
+
+    def read_exactly(self, size: int) -> bytes:
+        """``size`` bytes, or fewer only at the end of the stream."""
+        if size <= 0:
+            return b""
+        head = b""
+        if self._back:
+            self._back = False
+            head, size = self._last, size - 1
+            if not size:
+                return head
+        data = self._src.read(size)
+        if data and len(data) < size:
+            parts = [data]
+            got = len(data)
+            while got < size:
+                more = self._src.read(size - got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        if data:
+            self._pos += len(data)
+            self._last = data[-1:]
+        return head + data if head else data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise io.UnsupportedOperation("only absolute seeks")
+        cur = self.tell()
+        if pos == cur - 1 and not self._back and self._last:
+            self._back = True
+        elif pos > cur:
+            left = pos - cur
+            while left:
+                n = len(self.read_exactly(min(left, _READ_SIZE)))
+                if not n:
+                    break  # tarfile's next read finds the end of data and says so
+                left -= n
+        elif pos != cur:
+            raise io.UnsupportedOperation(f"cannot seek back from {cur} to {pos} in a stream")
+        return self.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
         return True
 
     def close(self) -> None:
@@ -1470,17 +1553,19 @@ class _Extractor:
         self, tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int, mode: int, mtime_ns: int
     ) -> None:
         try:
-            src = tar.extractfile(member)
-            if src is not None:
-                while True:
-                    data = src.read(_READ_SIZE)
-                    if not data:
-                        break
-                    view = memoryview(data)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                    self._stats.bytes_written += len(data)
+            reader = tar.fileobj
+            if member.sparse is not None or not isinstance(reader, _ForwardReader):
+                src = tar.extractfile(member)
+                assert src is not None
+                chunks: Iterator[bytes] = iter(lambda: src.read(_READ_SIZE), b"")
+            else:
+                chunks = _member_data(reader, member)
+            for data in chunks:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                self._stats.bytes_written += len(data)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
@@ -1529,6 +1614,17 @@ class _Extractor:
             os.utime(fd, ns=(mtime_ns, mtime_ns))
 
 
+def _member_data(reader: _ForwardReader, member: tarfile.TarInfo) -> Iterator[bytes]:
+    reader.seek(member.offset_data)
+    left = member.size
+    while left:
+        data = reader.read_exactly(min(left, _READ_SIZE))
+        if not data:
+            raise tarfile.ReadError("unexpected end of data")
+        left -= len(data)
+        yield data
+
+
 def _read_archive(
     chan: _InChannel,
     codec: Codec | Literal["auto"],
@@ -1542,7 +1638,7 @@ def _read_archive(
         stats.codec = actual
     members = 0
     try:
-        tar = tarfile.open(fileobj=decoded, mode="r|", bufsize=_TAR_BUFSIZE)  # type: ignore[call-overload]
+        tar = tarfile.open(fileobj=cast(Any, _ForwardReader(decoded)), mode="r:")
     except tarfile.ReadError as exc:
         if tracker is not None and raw.at_eof:
             tracker.check_complete()
@@ -1553,7 +1649,7 @@ def _read_archive(
             member = tar.next()
             if member is None:
                 break
-            tar.members.clear()  # stream mode keeps every header otherwise: unbounded memory
+            cast(Any, tar).members.clear()  # tarfile keeps every header otherwise: unbounded memory
             members += 1
             last = member.name
             on_member(tar, member)

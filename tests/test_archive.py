@@ -306,6 +306,39 @@ async def test_archives_made_by_gnu_tar_extract(
     assert (await test_decompress(chunks_of(data))).member_count == stats.members
 
 
+@pytest.mark.skipif(not HAVE_ZSTD_TOOLS, reason="needs tar")
+async def test_sparse_members_from_gnu_tar_extract_exactly(tmp_path: Path) -> None:
+    """`tar -S` stores holes as a map, not as data: such members take tarfile's sparse path."""
+    src = tmp_path / "src"
+    src.mkdir()
+    body = os.urandom(70_000)
+    with open(src / "disk.img", "wb") as fh:
+        fh.truncate(8 * MiB)
+        fh.seek(3 * MiB + 17)
+        fh.write(body)
+    (src / "after.txt").write_text("after the sparse one\n")
+    archive = tmp_path / "sparse.tar"
+    run(f"tar -cSf {archive} disk.img after.txt", src)
+    data = archive.read_bytes()
+    assert len(data) < 2 * MiB  # really sparse in the archive
+    stats = await extract_stream(chunks_of(data), tmp_path / "out", codec="none")
+    assert stats.files == 2
+    got = (tmp_path / "out" / "disk.img").read_bytes()
+    assert got == bytes(3 * MiB + 17) + body + bytes(5 * MiB - 17 - len(body))
+    assert (tmp_path / "out" / "after.txt").read_text() == "after the sparse one\n"
+
+
+async def test_archive_cut_inside_a_member_is_truncated_not_short(tmp_path: Path) -> None:
+    """Member data is read straight from the decompressor: a cut there must still be caught."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(3 * MiB + 5))
+    data = await collect(archive_stream(src, ["big.bin"], codec="none"))
+    for cut in (2 * MiB, 3 * MiB + 512 + 3):  # inside the data, inside its last block
+        with pytest.raises(IntegrityError, match="truncated"):
+            await extract_stream(chunks_of(data[:cut]), tmp_path / f"out-{cut}", codec="none")
+
+
 # ------------------------------------------------------------------ memory, progress, cancellation
 
 
