@@ -14,6 +14,7 @@ import pytest
 from daemon.storage import LocalStorage, RetryPolicy, S3Settings, S3Storage
 from tests.helpers.rootfactory import fake_path
 from tests.helpers.s3server import REPO, FaultProxy, MotoServer, create_bucket, start_moto
+from tests.helpers.writer import init_db
 
 
 @pytest.fixture(scope="session")
@@ -142,3 +143,13 @@ def run_cli(
         timeout=timeout,
         cwd=str(REPO),
     )
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    """A WAL-mode ``state.db`` (the writer helper's schema) in an otherwise empty root."""
+    root = tmp_path / "root"
+    root.mkdir()
+    path = root / "state.db"
+    init_db(path)
+    return path

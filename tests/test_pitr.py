@@ -25,16 +25,7 @@ from daemon.pitr import parse_rfc3339, pitr_window, restore_point_in_time
 from daemon.storage import LocalStorage, S3Storage
 from daemon.wal import SegmentInfo, WalShipper, load_catalog, parse_ts, split_object
 from tests.helpers.s3server import REPO
-from tests.helpers.writer import fast_options, init_db, logical_dump, read_log, replay
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    root.mkdir()
-    path = root / "state.db"
-    init_db(path)
-    return path
+from tests.helpers.writer import fast_options, logical_dump, read_log, replay
 
 
 def run_writer(db: Path, log: Path, *args: str) -> None:

@@ -46,15 +46,6 @@ from tests.helpers.writer import (
 )
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    root.mkdir()
-    path = root / "state.db"
-    init_db(path)
-    return path
-
-
 def commit_rows(db: Path, start: int, n: int, size: int = 500) -> None:
     conn = sqlite3.connect(db, isolation_level=None, timeout=10)
     try:
