@@ -321,6 +321,9 @@ class Bench:
 
     def measure(self, label: str, argv: list[str], env: dict[str, str], temps: list[TempSpec]) -> Result:
         log(f"run: {label}")
+        # The previous command's dirty pages (GBs at the large size) would otherwise be written
+        # back during this one; every command starts with them on disk.
+        os.sync()
         s0 = measure.cpu_ticks(self.server_pid) if self.server_pid else 0.0
         res = measure.run(label, argv, env=env, temps=temps, cwd=REPO, log_dir=self.work / "logs")
         if self.server_pid:

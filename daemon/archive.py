@@ -18,7 +18,6 @@ import asyncio
 import errno
 import gzip
 import hashlib
-import io
 import os
 import stat
 import tarfile
@@ -50,6 +49,7 @@ AGE_MAGIC = b"age-encryption.org/"
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_QUEUE_CHUNKS = 4
 _READ_SIZE = 1 << 20
+_MAX_SINGLE_READ = 64 << 20  # far beyond any real tar header, short of a memory problem
 _PROGRESS_INTERVAL = 0.1
 _WORKER_JOIN_TIMEOUT = 30.0
 _ZEROS = bytes(_READ_SIZE)
@@ -1188,7 +1188,9 @@ class _ForwardReader:
     In stream mode ("r|") tarfile passes every byte through its own buffer (joined, then sliced
     twice) and member data through a BufferedReader as well; here member data is read straight
     from the decompressor (``read_exactly``). Reading an archive in order needs only forward
-    seeks, plus tarfile's one-byte look-back before each header, which the last byte read covers.
+    seeks: tarfile's look-back before a header (``seek(offset - 1)``) lands at or after what was
+    read; the last byte is kept in case a tarfile version looks back exactly one byte. Anything
+    else backwards, or a single read larger than any sane header, is a damaged archive.
     """
 
     def __init__(self, source: _DecodedReader) -> None:
@@ -1212,6 +1214,9 @@ class _ForwardReader:
         """``size`` bytes, or fewer only at the end of the stream."""
         if size <= 0:
             return b""
+        if size > _MAX_SINGLE_READ:
+            # Member data comes in 1 MiB reads; only a header (GNU long name, pax) asks for more.
+            raise tarfile.ReadError(f"a header claims {size} bytes of metadata")
         head = b""
         if self._back:
             self._back = False
@@ -1236,7 +1241,7 @@ class _ForwardReader:
 
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence != 0:
-            raise io.UnsupportedOperation("only absolute seeks")
+            raise tarfile.StreamError("only absolute seeks")
         cur = self.tell()
         if pos == cur - 1 and not self._back and self._last:
             self._back = True
@@ -1248,7 +1253,7 @@ class _ForwardReader:
                     break  # tarfile's next read finds the end of data and says so
                 left -= n
         elif pos != cur:
-            raise io.UnsupportedOperation(f"cannot seek back from {cur} to {pos} in a stream")
+            raise tarfile.StreamError(f"the archive points back from offset {cur} to {pos}")
         return self.tell()
 
     def readable(self) -> bool:
@@ -1638,15 +1643,19 @@ def _read_archive(
         stats.codec = actual
     members = 0
     try:
+        # (opening reads the first header already)
         tar = tarfile.open(fileobj=cast(Any, _ForwardReader(decoded)), mode="r:")
-    except tarfile.ReadError as exc:
+    except (tarfile.TarError, ValueError) as exc:  # ValueError: e.g. a malformed sparse map
         if tracker is not None and raw.at_eof:
             tracker.check_complete()
         raise IntegrityError(f"the archive is not a readable tar stream ({actual}): {exc}") from exc
     last = ""
     try:
         while True:
-            member = tar.next()
+            try:
+                member = tar.next()
+            except ValueError as exc:  # e.g. a malformed sparse map: tarfile's int() fails
+                raise tarfile.ReadError(f"unreadable header ({exc})") from exc
             if member is None:
                 break
             cast(Any, tar).members.clear()  # tarfile keeps every header otherwise: unbounded memory

@@ -26,7 +26,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import structlog
 
@@ -41,6 +41,8 @@ from .storage import Storage
 from .streams import HashingStream, decompress_stream, disk_error, write_stream
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 PRE = ".pre-restore"
 STAGE_AT_ONCE = 2  # objects downloaded and unpacked at once (the images archive counts as one)
@@ -156,17 +158,47 @@ class Swap:
         shutil.rmtree(self.trash, ignore_errors=True)
 
 
+async def _through_cancel(aw: Awaitable[_T]) -> tuple[_T, bool]:
+    """Await ``aw`` to its end even when cancelled meanwhile: (its result, whether cancelled).
+
+    For steps that must not stop halfway (moving files, moving them back, starting tinyserved);
+    the caller raises the cancellation once the step is over. ``asyncio.shield`` alone would let
+    the caller go on while a thread is still moving files.
+    """
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            return await asyncio.shield(fut), cancelled
+        except asyncio.CancelledError:
+            if fut.done():
+                raise
+            cancelled = True
+
+
+async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
+    """Move everything back and start tinyserved again, whatever interrupts meanwhile."""
+    await _through_cancel(asyncio.to_thread(swap.rollback))
+    with contextlib.suppress(BackupError):
+        await _through_cancel(tinyserved.start())
+
+
 async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -> list[str]:
-    """Stop tinyserved, swap ``items`` in; on failure roll back and start it again, then raise."""
-    await tinyserved.stop()
-    try:
-        # Shielded: once files start moving, a SIGTERM must not leave half a swap behind.
-        return await asyncio.shield(asyncio.to_thread(swap.apply, items))
-    except BaseException:
-        await asyncio.shield(asyncio.to_thread(swap.rollback))
+    """Stop tinyserved, swap ``items`` in; on failure or cancellation put everything back first."""
+    _, cancelled = await _through_cancel(tinyserved.stop())
+    if cancelled:
         with contextlib.suppress(BackupError):
-            await tinyserved.start()
+            await _through_cancel(tinyserved.start())
+        raise asyncio.CancelledError
+    try:
+        aside, cancelled = await _through_cancel(asyncio.to_thread(swap.apply, items))
+    except BaseException:
+        await _undo(swap, tinyserved)
         raise
+    if cancelled:
+        await _undo(swap, tinyserved)
+        raise asyncio.CancelledError
+    return aside
 
 
 class RestoreJob:
@@ -235,6 +267,8 @@ class RestoreJob:
                 else:
                     items.extend(sorted(entry_sources(e)))
             elif e.kind == "images":
+                if images:
+                    raise IntegrityError(f"backup {ts} lists more than one images archive")
                 images = list(m.images) or ["(images archive)"]
         seen: list[str] = []
         for i in items:
@@ -326,10 +360,16 @@ class RestoreJob:
     async def _cancel_load(self) -> None:
         """Kill a ``docker load`` that was not let finish (nothing of it is loaded)."""
         load, self._load = self._load, None
-        if load is not None and not load.done():
+        if load is None:
+            return
+        cancelled = False
+        if not load.done():
             load.cancel()
-            with contextlib.suppress(asyncio.CancelledError, BackupError):
-                await load
+            _, cancelled = await _through_cancel(asyncio.wait({load}))
+        if not load.cancelled():
+            load.exception()  # its error is moot now: the restore is failing for another reason
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def stage(self, plan: RestorePlan, staging: Path) -> list[StagedItem]:
         """Download, verify and unpack every object; each into its own directory, several at once."""
@@ -413,6 +453,7 @@ class RestoreJob:
         except OSError as exc:
             log.error("restore_failed_rolled_back", error=str(exc))
             raise disk_error(exc, self.root) from None
+        interrupted = False
         try:
             if "state.db" in plan.items:
                 # Checked in place before tinyserved starts, so a bad result can still roll back.
@@ -421,18 +462,21 @@ class RestoreJob:
                     raise IntegrityError(f"restored state.db fails integrity_check: {integrity}")
             if self._load is not None:
                 self._load_commit.set()
-                loaded = await self._load
+                # Docker has the whole archive now and may be registering images: there is no
+                # clean way back from here, so a cancellation lets it and the restore finish.
+                loaded, interrupted = await _through_cancel(self._load)
         except BaseException as exc:
             log.error("restore_failed_rolling_back", error=getattr(exc, "message", type(exc).__name__))
             await self._cancel_load()
-            await asyncio.shield(asyncio.to_thread(swap.rollback))
-            with contextlib.suppress(BackupError):
-                await self.tinyserved.start()
+            await _undo(swap, self.tinyserved)
             if isinstance(exc, OSError):
                 raise disk_error(exc, self.root) from None
             raise
-        await self.tinyserved.start()
-        await asyncio.to_thread(swap.discard_trash)
+        _, cancelled = await _through_cancel(self.tinyserved.start())
+        await _through_cancel(asyncio.to_thread(swap.discard_trash))
+        if interrupted or cancelled:
+            log.warning("restore_finished_despite_cancel", backup=f"{plan.ref.type}/{plan.ref.timestamp}")
+            raise asyncio.CancelledError
         ok, status = await self.tinyserved.status()
         if not ok:
             self.warnings.append(f"tinyserve status reports a problem: {status[-200:]}")

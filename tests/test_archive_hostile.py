@@ -7,7 +7,7 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -328,3 +328,83 @@ async def test_codec_mismatch_is_an_integrity_error(tmp_path: Path, sample_tar: 
 async def test_trailing_garbage_after_the_archive_is_caught(sample_tar: bytes) -> None:
     with pytest.raises(IntegrityError, match="after member"):
         await test_decompress(chunks_of(sample_tar[:-2048] + b"\x01" * 2048), "none")
+
+
+# --------------------------------------------------------------- malformed headers (random access)
+
+
+def _longname_claiming(size: int) -> bytes:
+    """A GNU long-name header whose size field (base-256) claims ``size`` bytes."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = 20
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT)[:512])
+    header[124:136] = b"\x80" + size.to_bytes(11, "big")
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + b"n" * 20 + bytes(492) + bytes(1024)
+
+
+def _sparse_map_reaching_back() -> bytes:
+    """pax GNU sparse 1.0 whose map runs past the member's stored data into the next header."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        head = b"2\n0\n5\n10\n"
+        data = head + b"0" * (512 - len(head))
+        info = tarfile.TarInfo("a/f")
+        info.size = len(data)
+        info.pax_headers = {
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.realsize": "17",
+            "GNU.sparse.name": "a/f",
+        }
+        tar.addfile(info, io.BytesIO(data))
+        nxt = tarfile.TarInfo("7\nzz")
+        nxt.size = 600
+        tar.addfile(nxt, io.BytesIO(b"y" * 600))
+    return buf.getvalue()
+
+
+def _sparse_map_unparseable() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("a/f")
+        info.pax_headers = {
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.realsize": "10",
+            "GNU.sparse.name": "a/f",
+        }
+        tar.addfile(info, io.BytesIO(b""))
+        nxt = tarfile.TarInfo("a/g")
+        body = b"1\n0\n5\n" + b"x" * 600
+        nxt.size = len(body)
+        tar.addfile(nxt, io.BytesIO(body))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _longname_claiming(1 << 42),
+        _sparse_map_reaching_back,
+        _sparse_map_unparseable,
+    ],
+    ids=["huge_longname", "sparse_map_reaching_back", "sparse_map_unparseable"],
+)
+@pytest.mark.parametrize("codec", ["zstd", "gzip", "none"])
+async def test_malformed_headers_are_integrity_errors(
+    tmp_path: Path, make: Callable[[], bytes], codec: str
+) -> None:
+    """Neither a MemoryError, a ValueError nor an OSError may escape: a damaged archive, clearly."""
+    raw = make()
+    data = {
+        "zstd": lambda: zstandard.ZstdCompressor(write_checksum=True).compress(raw),
+        "gzip": lambda: gzip.compress(raw, mtime=0),
+        "none": lambda: raw,
+    }[codec]()
+    with pytest.raises(IntegrityError):
+        await test_decompress(chunks_of(data), codec, check_safety=False)
+    with pytest.raises(IntegrityError):
+        await extract_stream(chunks_of(data), tmp_path / "d", codec=codec)  # type: ignore[arg-type]

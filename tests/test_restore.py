@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from daemon.errors import (
     UnsafeArchiveError,
 )
 from daemon.manifest import list_backups
-from daemon.restore import RestoreJob, RestorePlan
+from daemon.restore import RestoreJob, RestorePlan, StagedItem, Swap, swap_in
+from daemon.service import Tinyserved
 from daemon.storage import S3Storage
 from daemon.verify import verify_backup
 from tests.conftest import run_cli
@@ -457,3 +459,44 @@ async def test_object_that_is_not_a_database_is_refused(root: RootInfo, s3_stora
         await RestoreJob(cfg_for(root.path), s3_storage).run(ts)
     assert snapshot(root.path) == live
     assert ctl_calls() == []
+
+
+async def test_cancel_during_the_swap_puts_everything_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (a cancel) while files move: the thread moving them is waited for, then undone."""
+    root = tmp_path / "root"
+    root.mkdir()
+    items = []
+    for name in ("a", "b", "c"):
+        (root / name).write_text("old")
+        staged = tmp_path / f"staged-{name}"
+        staged.write_text("new")
+        items.append(StagedItem(name, staged))
+    first_move, go_on, applied = threading.Event(), threading.Event(), threading.Event()
+    real_move, real_apply = Swap._move, Swap.apply
+
+    def move(self: Swap, src: Path, dst: Path) -> None:
+        real_move(self, src, dst)
+        if not first_move.is_set():
+            first_move.set()
+            go_on.wait(0.5)  # the cancel lands while this thread is mid-swap
+
+    def apply(self: Swap, staged: list[StagedItem]) -> list[str]:
+        try:
+            return real_apply(self, staged)
+        finally:
+            applied.set()
+
+    monkeypatch.setattr(Swap, "_move", move)
+    monkeypatch.setattr(Swap, "apply", apply)
+    ctl = Tinyserved(["tinyserved-ctl", "stop"], ["tinyserved-ctl", "start"], [])
+    task = asyncio.create_task(swap_in(Swap(root), items, ctl))
+    assert await asyncio.to_thread(first_move.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    go_on.set()
+    assert await asyncio.to_thread(applied.wait, 10)  # whatever the swap thread still had to do
+    assert {p.name: p.read_text() for p in root.iterdir()} == {"a": "old", "b": "old", "c": "old"}
+    assert ctl_calls() == [["stop"], ["start"]]
