@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tarfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -499,4 +500,35 @@ async def test_cancel_during_the_swap_puts_everything_back(
     go_on.set()
     assert await asyncio.to_thread(applied.wait, 10)  # whatever the swap thread still had to do
     assert {p.name: p.read_text() for p in root.iterdir()} == {"a": "old", "b": "old", "c": "old"}
+    assert ctl_calls() == [["stop"], ["start"]]
+
+
+async def test_cancel_once_docker_has_the_whole_archive_lets_the_restore_finish(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Past the commit there is no clean way back: a cancel then finishes the restore first."""
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("full")
+    want_tree, want_db = snapshot(root.path)
+    (root.path / "generated" / "marker").write_text("newer than the backup")
+    shutil.rmtree(os.environ["FAKE_DOCKER_STATE"])
+    gate = tmp_path / "docker-may-register"
+    monkeypatch.setenv("FAKE_DOCKER_LOAD_GATE", str(gate))
+    task = asyncio.create_task(RestoreJob(cfg, s3_storage).run(res.timestamp))
+
+    def reached() -> bool:  # docker has read the whole archive, tail included
+        deadline = time.monotonic() + 30
+        while not Path(f"{gate}.reached").exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    assert await asyncio.to_thread(reached)
+    task.cancel()
+    gate.touch()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    assert snapshot(root.path) == (want_tree, want_db)  # restored, not rolled back
+    assert None not in (await inspect_images(root.images)).values()
     assert ctl_calls() == [["stop"], ["start"]]

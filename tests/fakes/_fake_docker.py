@@ -26,6 +26,8 @@ Fault injection (environment):
     FAKE_DOCKER_LOAD_STALL_AFTER=N         `load` reads N bytes, then stops reading and hangs
     FAKE_DOCKER_LOAD_FAIL_AT_END=1         `load` reads the whole archive, then fails like an engine
                                            whose disk is full, before registering anything
+    FAKE_DOCKER_LOAD_GATE=PATH             `load` reads the whole archive, creates PATH.reached, and
+                                           registers the images only once PATH exists (at most 30 s)
     FAKE_DOCKER_SAVE_FORMAT=oci|legacy     archive layout written by `save` (default oci)
 """
 
@@ -882,6 +884,12 @@ def load(store: Store, src: BinaryIO, quiet: bool = False) -> list[str]:
                 layer_files.append((staged, digest))
             plan.append((config_digest, repo_tags, [(config_staged, config_digest), *layer_files]))
 
+        gate = os.environ.get("FAKE_DOCKER_LOAD_GATE")
+        if gate:
+            open(gate + ".reached", "w").close()
+            deadline = time.monotonic() + 30
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
         if os.environ.get("FAKE_DOCKER_LOAD_FAIL_AT_END") not in (None, "", "0"):
             raise DockerFail(
                 "Error response from daemon: write /var/lib/docker/tmp/docker-import-fake: "
