@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,7 +56,44 @@ def console_level(verbose: bool) -> str | None:
 
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(fn())  # type: ignore[arg-type]
+    """Run a command's coroutine; Ctrl-C and SIGTERM cancel it (as often as they come).
+
+    A cancelled job cleans up on its way out: uploads are aborted, a restore's swap is waited for
+    and undone. asyncio.run's own Ctrl-C handling would raise KeyboardInterrupt on the second press,
+    in the middle of that clean-up, and SIGTERM would kill the process outright.
+    """
+    signals: list[int] = []
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal(signum: int) -> None:
+            signals.append(signum)
+            if len(signals) > 1:
+                log.warning("signal_while_stopping", signal=signal.Signals(signum).name)
+            task.cancel()
+
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                pass
+        try:
+            return await fn()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if signals:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def echo_json(obj: Any) -> None:

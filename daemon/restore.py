@@ -171,9 +171,9 @@ async def _through_cancel(aw: Awaitable[_T]) -> tuple[_T, bool]:
         try:
             return await asyncio.shield(fut), cancelled
         except asyncio.CancelledError:
-            if fut.done():
-                raise
-            cancelled = True
+            if fut.cancelled():
+                raise  # the step itself was cancelled, not just us
+            cancelled = True  # (a step already over returns its outcome on the next pass)
 
 
 async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
@@ -357,19 +357,22 @@ class RestoreJob:
         if self._load.done():
             await self._load  # it ended early: raises docker's error
 
-    async def _cancel_load(self) -> None:
-        """Kill a ``docker load`` that was not let finish (nothing of it is loaded)."""
+    async def _cancel_load(self) -> bool:
+        """Kill a ``docker load`` that was not let finish (nothing of it is loaded).
+
+        Returns whether a cancellation arrived meanwhile, for the caller to raise once its own
+        clean-up is done.
+        """
         load, self._load = self._load, None
         if load is None:
-            return
+            return False
         cancelled = False
         if not load.done():
             load.cancel()
             _, cancelled = await _through_cancel(asyncio.wait({load}))
         if not load.cancelled():
             load.exception()  # its error is moot now: the restore is failing for another reason
-        if cancelled:
-            raise asyncio.CancelledError
+        return cancelled
 
     async def stage(self, plan: RestorePlan, staging: Path) -> list[StagedItem]:
         """Download, verify and unpack every object; each into its own directory, several at once."""
@@ -439,8 +442,10 @@ class RestoreJob:
                 raise RestoreError("restore cancelled; nothing was changed", "")
             return await self._apply(plan, items)
         finally:
-            await self._cancel_load()
-            await asyncio.to_thread(shutil.rmtree, staging, True)
+            cancelled = await self._cancel_load()
+            _, late = await _through_cancel(asyncio.to_thread(shutil.rmtree, staging, True))
+            if cancelled or late:
+                raise asyncio.CancelledError
 
     async def _apply(self, plan: RestorePlan, items: list[StagedItem]) -> RestoreResult:
         swap = Swap(self.root)
@@ -457,7 +462,12 @@ class RestoreJob:
         try:
             if "state.db" in plan.items:
                 # Checked in place before tinyserved starts, so a bad result can still roll back.
-                integrity = await asyncio.to_thread(integrity_check, self.root / "state.db")
+                # (to its end: its connection must be closed before any rollback moves the file)
+                integrity, interrupted = await _through_cancel(
+                    asyncio.to_thread(integrity_check, self.root / "state.db")
+                )
+                if interrupted:
+                    raise asyncio.CancelledError
                 if integrity != "ok":
                     raise IntegrityError(f"restored state.db fails integrity_check: {integrity}")
             if self._load is not None:
@@ -467,14 +477,16 @@ class RestoreJob:
                 loaded, interrupted = await _through_cancel(self._load)
         except BaseException as exc:
             log.error("restore_failed_rolling_back", error=getattr(exc, "message", type(exc).__name__))
-            await self._cancel_load()
-            await _undo(swap, self.tinyserved)
+            try:
+                await self._cancel_load()
+            finally:
+                await _undo(swap, self.tinyserved)
             if isinstance(exc, OSError):
                 raise disk_error(exc, self.root) from None
             raise
         _, cancelled = await _through_cancel(self.tinyserved.start())
-        await _through_cancel(asyncio.to_thread(swap.discard_trash))
-        if interrupted or cancelled:
+        _, late = await _through_cancel(asyncio.to_thread(swap.discard_trash))
+        if interrupted or cancelled or late:
             log.warning("restore_finished_despite_cancel", backup=f"{plan.ref.type}/{plan.ref.timestamp}")
             raise asyncio.CancelledError
         ok, status = await self.tinyserved.status()

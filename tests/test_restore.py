@@ -7,7 +7,9 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 from daemon import docker
+from daemon import restore as restore_mod
 from daemon.backup import BackupJob
 from daemon.config import Config, parse_config
 from daemon.docker import inspect_images
@@ -28,7 +31,7 @@ from daemon.errors import (
     UnsafeArchiveError,
 )
 from daemon.manifest import list_backups
-from daemon.restore import RestoreJob, RestorePlan, StagedItem, Swap, swap_in
+from daemon.restore import RestoreJob, RestorePlan, StagedItem, Swap, _through_cancel, swap_in
 from daemon.service import Tinyserved
 from daemon.storage import S3Storage
 from daemon.verify import verify_backup
@@ -532,3 +535,98 @@ async def test_cancel_once_docker_has_the_whole_archive_lets_the_restore_finish(
     assert snapshot(root.path) == (want_tree, want_db)  # restored, not rolled back
     assert None not in (await inspect_images(root.images)).values()
     assert ctl_calls() == [["stop"], ["start"]]
+
+
+async def test_a_cancel_landing_after_a_protected_step_ended_keeps_its_result() -> None:
+    async def step() -> str:
+        await asyncio.sleep(0)
+        return "done"
+
+    caller = asyncio.create_task(_through_cancel(step()))
+    await asyncio.sleep(0)  # the caller starts the step and waits on it
+    while len(asyncio.all_tasks()) > 2:  # until the step itself has ended
+        await asyncio.sleep(0)
+    caller.cancel()  # lands before the caller has resumed with the step's result
+    assert await caller == ("done", True)
+
+
+async def test_a_cancel_while_killing_docker_still_rolls_back_and_starts(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("full")
+    (root.path / "generated" / "marker").write_text("live")
+    live = snapshot(root.path)
+    # the database turns out bad in place, after the swap: everything must go back...
+    checks = iter(["ok", "*** in database main *** Page 2: btreeInitPage() returns error code 11"])
+    monkeypatch.setattr(restore_mod, "integrity_check", lambda path: next(checks))
+    real_cancel_load = RestoreJob._cancel_load
+
+    fired: list[bool] = []
+
+    async def sigterm_meanwhile(self: RestoreJob) -> bool:
+        current = asyncio.current_task()
+        assert current is not None
+        if not fired:
+            fired.append(True)
+            current.cancel()  # ...even when a SIGTERM arrives while docker is being killed
+        return await real_cancel_load(self)
+
+    monkeypatch.setattr(RestoreJob, "_cancel_load", sigterm_meanwhile)
+    with pytest.raises(IntegrityError, match="btreeInitPage"):
+        await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    assert snapshot(root.path) == live
+    assert ctl_calls() == [["stop"], ["start"]]
+    assert sorted(p.name for p in root.path.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_sigterm_after_docker_has_the_archive_finishes_the_restore_then_exits(
+    tmp_path: Path, s3_server: MotoServer, bucket: str
+) -> None:
+    src = make_root(tmp_path / "src", size="tiny", seed=5)
+    want = snapshot(src.path)
+    cfgp = tmp_path / "cfg.yaml"
+    cfgp.write_text(
+        f"root: {src.path}\n"
+        f"destination:\n  url: s3://{bucket}/sigterm\n  endpoint: {s3_server.endpoint}\n"
+        "  addressing_style: path\n"
+        "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
+    )
+    res = run_cli("--config", str(cfgp), "create", "--full", "--json")
+    assert res.returncode == 0, res.stderr
+    ts = json.loads(res.stdout)["timestamp"]
+    target = tmp_path / "new-machine"
+    gate = tmp_path / "docker-may-register"
+    env = {
+        **os.environ,
+        "TINYSERVE_ROOT": str(target),
+        "FAKE_DOCKER_STATE": str(tmp_path / "docker-new"),
+        "FAKE_DOCKER_LOAD_GATE": str(gate),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "--config", str(cfgp), "restore", ts, "--full", "--yes"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{gate}.reached").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "docker never got the whole archive"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # a second one changes nothing
+        gate.touch()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "aborted"  # one line, as for any interrupted command
+    assert "Traceback" not in err
+    assert snapshot(target) == want  # restored to the end, not half-undone
+    assert [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserved-ctl")][-2:] == [
+        ["stop"],
+        ["start"],
+    ]
