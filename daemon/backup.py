@@ -387,6 +387,7 @@ class BackupJob:
             if not version_task.done():
                 version_task.cancel()
             if not ok:
+                log.warning("backup_abandoned", backup=f"{btype}/{ts}", removing=prefix)
                 await asyncio.shield(self._discard(prefix))
         dt = time.monotonic() - t0
         log.info(

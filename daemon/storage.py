@@ -590,10 +590,22 @@ class S3Storage(Storage):
             )
             return UploadResult(key=key, size=hs.size, sha256=hs.sha256)
 
-        resp = await self._call(
-            f"create multipart {key}",
-            lambda c: c.create_multipart_upload(Bucket=self.s.bucket, Key=full),
+        create = asyncio.ensure_future(
+            self._call(
+                f"create multipart {key}",
+                lambda c: c.create_multipart_upload(Bucket=self.s.bucket, Key=full),
+            )
         )
+        try:
+            resp = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            # The request may have reached the server: an upload it opened would keep its parts
+            # (and their cost) until prune. Wait for the answer, abort that upload, then stop.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                opened = await asyncio.wait_for(create, 30)
+                await asyncio.wait_for(self._abort(full, opened["UploadId"]), 30)
+                log.warning("upload_aborted", key=key, error="CancelledError")
+            raise
         upload_id: str = resp["UploadId"]
         etags: dict[int, str] = {}
         if self._part_slots is None:

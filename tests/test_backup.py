@@ -316,6 +316,54 @@ def test_sigkill_mid_upload_leaves_nothing_listed(tmp_path: Path, s3_server: Mot
         proxy.close()
 
 
+def test_sigterm_mid_upload_aborts_it_and_exits_cleanly(
+    tmp_path: Path, s3_server: MotoServer, bucket: str
+) -> None:
+    """launchd's stop, or a kill: uploads in flight are aborted and no traceback is printed."""
+    import boto3
+
+    big = make_root(tmp_path / "big", size="60MB", seed=6)
+    proxy = FaultProxy(s3_server.port)
+    try:
+        proxy.latency(0.02)
+        cfg = _write_cfg(tmp_path, big.path, proxy.endpoint, bucket)
+        env = dict(os.environ)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--config", str(cfg), "create", "--full"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        log = Path(env["TINYSERVE_BACKUP_HOME"]) / "logs" / "tinyserve-backup.log"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.exists() and "artifact_uploaded" in log.read_text():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "backup finished before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == "aborted"
+        assert "backup_abandoned" in log.read_text()
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=s3_server.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        assert s3.list_multipart_uploads(Bucket=bucket, Prefix="tb/").get("Uploads", []) == []
+        assert s3.list_objects_v2(Bucket=bucket, Prefix="tb/full/").get("Contents", []) == []
+        proxy.latency(0)
+        res = run_cli("--config", str(cfg), "list", "--json")
+        assert res.returncode == 0 and json.loads(res.stdout) == []
+    finally:
+        proxy.close()
+
+
 def test_cli_create_json_and_list(tmp_path: Path, s3_server: MotoServer, bucket: str) -> None:
     r = make_root(tmp_path / "r", size="tiny", seed=1)
     cfg = _write_cfg(tmp_path, r.path, s3_server.endpoint, bucket)

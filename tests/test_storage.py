@@ -142,6 +142,23 @@ async def test_upload_cancel_aborts_multipart(s3_storage: S3Storage) -> None:
     assert await s3_storage.head("full/x/cancelled") is None
 
 
+async def test_cancel_while_the_multipart_upload_is_being_opened_aborts_it(
+    s3_storage: S3Storage, proxied_storage: S3Storage, fault_proxy: FaultProxy
+) -> None:
+    """The server may open the upload before its answer reaches us: that upload is aborted too."""
+    fault_proxy.latency(0.5)  # each way: the answer to "create" comes 0.5 s after it took effect
+    task = asyncio.create_task(proxied_storage.upload_stream("full/x/opening", gen(12 * MiB)))
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await s3_storage.list_multipart_uploads():  # straight to the server, no proxy
+        assert asyncio.get_running_loop().time() < deadline, "the upload was never opened"
+        assert not task.done()
+        await asyncio.sleep(0.02)
+    task.cancel()  # while the answer is still on its way
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    assert await s3_storage.list_multipart_uploads() == []
+
+
 async def test_upload_failure_aborts_multipart(s3_storage: S3Storage) -> None:
     class Boom(Exception):
         pass
