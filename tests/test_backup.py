@@ -273,30 +273,34 @@ def _write_cfg(tmp_path: Path, root: Path, endpoint: str, bucket: str) -> Path:
     return p
 
 
+def _full_backup_under_way(cfg: Path) -> tuple[subprocess.Popen[str], Path]:
+    """`create --full` as a child process, returned once its first artifact is uploaded."""
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), "create", "--full"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = Path(env["TINYSERVE_BACKUP_HOME"]) / "logs" / "tinyserve-backup.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and "artifact_uploaded" in log.read_text():
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the backup finished before it could be interrupted"
+    return proc, log
+
+
 def test_sigkill_mid_upload_leaves_nothing_listed(tmp_path: Path, s3_server: MotoServer, bucket: str) -> None:
     big = make_root(tmp_path / "big", size="60MB", seed=5)
     proxy = FaultProxy(s3_server.port)
     try:
         proxy.latency(0.02)  # slow the upload down so the kill lands mid-stream
         cfg = _write_cfg(tmp_path, big.path, proxy.endpoint, bucket)
-        env = dict(os.environ)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(cfg), "create", "--full"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        # wait (bounded) until the upload is under way: the log says an artifact went up
-        log = Path(env["TINYSERVE_BACKUP_HOME"]) / "logs" / "tinyserve-backup.log"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if log.exists() and "artifact_uploaded" in log.read_text():
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "backup finished before it could be killed"
+        proc, _ = _full_backup_under_way(cfg)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         proxy.latency(0)
@@ -327,22 +331,7 @@ def test_sigterm_mid_upload_aborts_it_and_exits_cleanly(
     try:
         proxy.latency(0.02)
         cfg = _write_cfg(tmp_path, big.path, proxy.endpoint, bucket)
-        env = dict(os.environ)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(cfg), "create", "--full"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        log = Path(env["TINYSERVE_BACKUP_HOME"]) / "logs" / "tinyserve-backup.log"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if log.exists() and "artifact_uploaded" in log.read_text():
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "backup finished before it could be stopped"
+        proc, log = _full_backup_under_way(cfg)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
