@@ -26,12 +26,13 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 
 import structlog
 
 from .archive import CODECS, Codec, extract_stream
 from .backup import CONFIG_DIRS, NoProgress, Progress
+from .cancel import through_cancel
 from .config import Config
 from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
 from .manifest import BackupRef, ObjectEntry, find_backup
@@ -41,8 +42,6 @@ from .storage import Storage
 from .streams import HashingStream, decompress_stream, disk_error, write_stream
 
 log = structlog.get_logger(__name__)
-
-_T = TypeVar("_T")
 
 PRE = ".pre-restore"
 STAGE_AT_ONCE = 2  # objects downloaded and unpacked at once (the images archive counts as one)
@@ -158,40 +157,22 @@ class Swap:
         shutil.rmtree(self.trash, ignore_errors=True)
 
 
-async def _through_cancel(aw: Awaitable[_T]) -> tuple[_T, bool]:
-    """Await ``aw`` to its end even when cancelled meanwhile: (its result, whether cancelled).
-
-    For steps that must not stop halfway (moving files, moving them back, starting tinyserved);
-    the caller raises the cancellation once the step is over. ``asyncio.shield`` alone would let
-    the caller go on while a thread is still moving files.
-    """
-    fut = asyncio.ensure_future(aw)
-    cancelled = False
-    while True:
-        try:
-            return await asyncio.shield(fut), cancelled
-        except asyncio.CancelledError:
-            if fut.cancelled():
-                raise  # the step itself was cancelled, not just us
-            cancelled = True  # (a step already over returns its outcome on the next pass)
-
-
 async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
     """Move everything back and start tinyserved again, whatever interrupts meanwhile."""
-    await _through_cancel(asyncio.to_thread(swap.rollback))
+    await through_cancel(asyncio.to_thread(swap.rollback))
     with contextlib.suppress(BackupError):
-        await _through_cancel(tinyserved.start())
+        await through_cancel(tinyserved.start())
 
 
 async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -> list[str]:
     """Stop tinyserved, swap ``items`` in; on failure or cancellation put everything back first."""
-    _, cancelled = await _through_cancel(tinyserved.stop())
+    _, cancelled = await through_cancel(tinyserved.stop())
     if cancelled:
         with contextlib.suppress(BackupError):
-            await _through_cancel(tinyserved.start())
+            await through_cancel(tinyserved.start())
         raise asyncio.CancelledError
     try:
-        aside, cancelled = await _through_cancel(asyncio.to_thread(swap.apply, items))
+        aside, cancelled = await through_cancel(asyncio.to_thread(swap.apply, items))
     except BaseException:
         await _undo(swap, tinyserved)
         raise
@@ -369,7 +350,7 @@ class RestoreJob:
         cancelled = False
         if not load.done():
             load.cancel()
-            _, cancelled = await _through_cancel(asyncio.wait({load}))
+            _, cancelled = await through_cancel(asyncio.wait({load}))
         if not load.cancelled():
             load.exception()  # its error is moot now: the restore is failing for another reason
         return cancelled
@@ -443,7 +424,7 @@ class RestoreJob:
             return await self._apply(plan, items)
         finally:
             cancelled = await self._cancel_load()
-            _, late = await _through_cancel(asyncio.to_thread(shutil.rmtree, staging, True))
+            _, late = await through_cancel(asyncio.to_thread(shutil.rmtree, staging, True))
             if cancelled or late:
                 raise asyncio.CancelledError
 
@@ -463,7 +444,7 @@ class RestoreJob:
             if "state.db" in plan.items:
                 # Checked in place before tinyserved starts, so a bad result can still roll back.
                 # (to its end: its connection must be closed before any rollback moves the file)
-                integrity, interrupted = await _through_cancel(
+                integrity, interrupted = await through_cancel(
                     asyncio.to_thread(integrity_check, self.root / "state.db")
                 )
                 if interrupted:
@@ -474,7 +455,7 @@ class RestoreJob:
                 self._load_commit.set()
                 # Docker has the whole archive now and may be registering images: there is no
                 # clean way back from here, so a cancellation lets it and the restore finish.
-                loaded, interrupted = await _through_cancel(self._load)
+                loaded, interrupted = await through_cancel(self._load)
         except BaseException as exc:
             log.error("restore_failed_rolling_back", error=getattr(exc, "message", type(exc).__name__))
             try:
@@ -484,8 +465,8 @@ class RestoreJob:
             if isinstance(exc, OSError):
                 raise disk_error(exc, self.root) from None
             raise
-        _, cancelled = await _through_cancel(self.tinyserved.start())
-        _, late = await _through_cancel(asyncio.to_thread(swap.discard_trash))
+        _, cancelled = await through_cancel(self.tinyserved.start())
+        _, late = await through_cancel(asyncio.to_thread(swap.discard_trash))
         if interrupted or cancelled or late:
             log.warning("restore_finished_despite_cancel", backup=f"{plan.ref.type}/{plan.ref.timestamp}")
             raise asyncio.CancelledError

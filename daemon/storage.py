@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from .cancel import through_cancel
 from .errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -590,22 +591,19 @@ class S3Storage(Storage):
             )
             return UploadResult(key=key, size=hs.size, sha256=hs.sha256)
 
-        create = asyncio.ensure_future(
+        # The request may reach the server even when we are cancelled meanwhile: the upload it
+        # opens would keep its parts (and their cost) until prune, so wait for it and abort it.
+        resp, cancelled = await through_cancel(
             self._call(
                 f"create multipart {key}",
                 lambda c: c.create_multipart_upload(Bucket=self.s.bucket, Key=full),
             )
         )
-        try:
-            resp = await asyncio.shield(create)
-        except asyncio.CancelledError:
-            # The request may have reached the server: an upload it opened would keep its parts
-            # (and their cost) until prune. Wait for the answer, abort that upload, then stop.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                opened = await asyncio.wait_for(create, 30)
-                await asyncio.wait_for(self._abort(full, opened["UploadId"]), 30)
+        if cancelled:
+            with contextlib.suppress(Exception):
+                await through_cancel(asyncio.wait_for(self._abort(full, resp["UploadId"]), 30))
                 log.warning("upload_aborted", key=key, error="CancelledError")
-            raise
+            raise asyncio.CancelledError
         upload_id: str = resp["UploadId"]
         etags: dict[int, str] = {}
         if self._part_slots is None:

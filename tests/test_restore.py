@@ -21,6 +21,7 @@ import pytest
 from daemon import docker
 from daemon import restore as restore_mod
 from daemon.backup import BackupJob
+from daemon.cancel import through_cancel
 from daemon.config import Config, parse_config
 from daemon.docker import inspect_images
 from daemon.errors import (
@@ -31,7 +32,7 @@ from daemon.errors import (
     UnsafeArchiveError,
 )
 from daemon.manifest import list_backups
-from daemon.restore import RestoreJob, RestorePlan, StagedItem, Swap, _through_cancel, swap_in
+from daemon.restore import RestoreJob, RestorePlan, StagedItem, Swap, swap_in
 from daemon.service import Tinyserved
 from daemon.storage import S3Storage
 from daemon.verify import verify_backup
@@ -542,7 +543,7 @@ async def test_a_cancel_landing_after_a_protected_step_ended_keeps_its_result() 
         await asyncio.sleep(0)
         return "done"
 
-    caller = asyncio.create_task(_through_cancel(step()))
+    caller = asyncio.create_task(through_cancel(step()))
     await asyncio.sleep(0)  # the caller starts the step and waits on it
     while len(asyncio.all_tasks()) > 2:  # until the step itself has ended
         await asyncio.sleep(0)
