@@ -34,7 +34,7 @@ import structlog
 import zstandard
 
 from daemon.errors import BackupError, EncryptionError, IntegrityError, RestoreError, UnsafeArchiveError
-from daemon.streams import zstd_compressor
+from daemon.streams import CHUNK, zstd_compressor
 
 log = structlog.get_logger(__name__)
 
@@ -46,9 +46,9 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 AGE_MAGIC = b"age-encryption.org/"
 
-DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_CHUNK_SIZE = CHUNK
 DEFAULT_QUEUE_CHUNKS = 4
-_READ_SIZE = 1 << 20
+_READ_SIZE = CHUNK
 _MAX_SINGLE_READ = 64 << 20  # far beyond any real tar header, short of a memory problem
 _PROGRESS_INTERVAL = 0.1
 _WORKER_JOIN_TIMEOUT = 30.0

@@ -32,6 +32,7 @@ import pyrage
 import structlog
 
 from .errors import EncryptionError, IntegrityError, UsageError
+from .streams import MiB
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +40,6 @@ AGE_HEADER = b"age-encryption.org/v1\n"
 ENCRYPTION_NAME = "age"
 SUFFIX = ".age"
 
-MiB = 1024 * 1024
 # Per-direction bounds of the loop <-> worker channels.  A put may overshoot by one chunk and the
 # worker holds the chunk it is reading, so one stream holds at most
 # 2 * CHANNEL_LIMIT + 2 * (the largest chunk fed in) + 64 KiB, whatever the object's size.

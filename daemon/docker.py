@@ -25,10 +25,11 @@ import structlog
 import yaml
 
 from daemon.errors import ConfigError, DockerError
+from daemon.streams import CHUNK
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_CHUNK_SIZE = CHUNK
 _STDERR_TAIL_BYTES = 4096
 _STDOUT_LIMIT_BYTES = 1 << 20  # `docker load` prints one line per image; anything beyond is noise
 _REAP_TIMEOUT_S = 10.0

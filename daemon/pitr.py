@@ -36,7 +36,7 @@ from daemon.errors import (
 from daemon.fsutil import fsync_dir
 from daemon.snapshot import integrity_check
 from daemon.storage import Storage
-from daemon.streams import HashingStream, write_stream
+from daemon.streams import CHUNK, HashingStream, write_stream
 from daemon.wal import (
     SEGMENT_FORMAT,
     SNAPSHOT_FORMAT,
@@ -241,7 +241,7 @@ def _unpack_snapshot(src: Path, dest: Path, snap: SnapshotInfo) -> dict[str, Any
         with open(dest, "wb") as out:
             reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
             try:
-                while chunk := reader.read(1024 * 1024):
+                while chunk := reader.read(CHUNK):
                     h.update(chunk)
                     out.write(chunk)
             except zstandard.ZstdError as e:

@@ -36,13 +36,12 @@ from .errors import (
     TransientStorageError,
 )
 from .fsutil import fsync_dir
-from .streams import HashingStream, file_chunks
+from .streams import HashingStream, MiB, file_chunks
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-MiB = 1024 * 1024
 # S3 refuses parts under 5 MiB (except the last one).
 MIN_PART_SIZE = 5 * MiB
 

@@ -13,7 +13,9 @@ import zstandard
 
 from .errors import IntegrityError, RestoreError
 
-CHUNK = 1024 * 1024
+MiB = 1024 * 1024
+# The unit every stream here moves in: file reads, downloads, pipes, tar data.
+CHUNK = MiB
 # What threads=-1 means at most, and zstd's job size: zstd's default job (4 windows) times the jobs
 # in flight made read-ahead grow with the core count (113 MiB at 8 workers); 2 MiB jobs keep it
 # near 20 MiB for ~0.3% more output.

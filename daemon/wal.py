@@ -96,7 +96,7 @@ from daemon.errors import (
 )
 from daemon.fsutil import fsync_dir
 from daemon.storage import Storage
-from daemon.streams import file_chunks
+from daemon.streams import MiB, file_chunks
 from daemon.walfile import (
     STOP_LIMIT,
     Transaction,
@@ -108,7 +108,6 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-MiB = 1024 * 1024
 WAL_PREFIX = "wal/"
 LEASE_KEY = "wal/lease.json"
 SEGMENT_FORMAT = "tinyserve-wal-segment"
