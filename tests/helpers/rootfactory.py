@@ -10,6 +10,7 @@ Also here, for tests that drive the stand-in executables in ``tests/fakes``: ``F
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import importlib.util
@@ -685,10 +686,17 @@ def db_dump(path: Path | str) -> list[str]:
     never touched: no ``-shm`` created, no checkpoint, no WAL removed.  Meant for quiescent
     databases (a writer committing during the copy could tear it).
     """
+    with _quiet_copy(path) as conn:
+        return list(conn.iterdump())
+
+
+@contextlib.contextmanager
+def _quiet_copy(path: Path | str) -> Iterator[sqlite3.Connection]:
+    """A connection to a copy of the database and its ``-wal``: the original is never touched."""
     src = Path(path)
     if not src.exists():
         raise FileNotFoundError(src)
-    with tempfile.TemporaryDirectory(prefix="db-dump-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="db-copy-") as tmp:
         copy = Path(tmp) / "db"
         shutil.copyfile(src, copy)
         wal = src.with_name(src.name + "-wal")
@@ -696,7 +704,7 @@ def db_dump(path: Path | str) -> list[str]:
             shutil.copyfile(wal, Path(tmp) / "db-wal")
         conn = sqlite3.connect(copy)
         try:
-            return list(conn.iterdump())
+            yield conn
         finally:
             conn.close()
 
@@ -705,15 +713,5 @@ def db_rows(path: Path | str, table: str) -> list[tuple[Any, ...]]:
     """All rows of one table (rowid order), read the same non-intrusive way as ``db_dump``."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", table):
         raise ValueError(f"not a table name: {table!r}")
-    src = Path(path)
-    with tempfile.TemporaryDirectory(prefix="db-rows-") as tmp:
-        copy = Path(tmp) / "db"
-        shutil.copyfile(src, copy)
-        wal = src.with_name(src.name + "-wal")
-        if wal.exists():
-            shutil.copyfile(wal, Path(tmp) / "db-wal")
-        conn = sqlite3.connect(copy)
-        try:
-            return list(conn.execute(f"SELECT * FROM {table} ORDER BY rowid"))
-        finally:
-            conn.close()
+    with _quiet_copy(path) as conn:
+        return list(conn.execute(f"SELECT * FROM {table} ORDER BY rowid"))
