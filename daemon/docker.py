@@ -367,6 +367,9 @@ async def load_images(
     loads nothing unless the caller lets it finish (cancelling the call kills it).  ``fed`` is set
     once the source is exhausted and everything but that tail has been written.
     """
+    if commit is None:
+        commit = asyncio.Event()
+        commit.set()  # the tail goes in as soon as the source ends
     docker = find_docker()
     started = time.monotonic()
     proc = await _spawn(docker, "load", stdin=asyncio.subprocess.PIPE)
@@ -395,11 +398,6 @@ async def load_images(
         async for chunk in chunks:
             if not chunk:
                 continue
-            if commit is None:
-                if not await send(chunk):
-                    stopped_reading = True
-                    break
-                continue
             held.append(chunk)
             held_bytes += len(chunk)
             while len(held) > 1 and held_bytes - len(held[0]) >= TAIL_HOLD_BYTES:
@@ -410,10 +408,11 @@ async def load_images(
                     break
             if stopped_reading:
                 break
-        if commit is not None and not stopped_reading:
+        if not stopped_reading:
             if fed is not None:
                 fed.set()
-            log.info("docker_load_waiting", fed_bytes=fed_bytes, held_bytes=held_bytes)
+            if not commit.is_set():
+                log.info("docker_load_waiting", fed_bytes=fed_bytes, held_bytes=held_bytes)
             exited = asyncio.ensure_future(proc.wait())
             released = asyncio.ensure_future(commit.wait())
             try:
