@@ -829,3 +829,30 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(70)
     sys.exit(0)
+
+
+def entry() -> None:
+    """The installed command: ``main()``, then leave without tearing the interpreter down.
+
+    Once a command has finished, flushed its output and closed its log, the interpreter's own exit
+    (module teardown, a garbage collection of botocore's object graph) only costs time: ~150 ms
+    per command measured here, a tenth of a small restore. Any thread still alive gets the normal
+    exit, which waits for it.
+    """
+    import logging
+    import threading
+
+    try:
+        main()
+        code: str | int | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    if not isinstance(code, int) or threading.active_count() > 1:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    logging.shutdown()
+    os._exit(code)

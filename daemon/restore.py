@@ -44,7 +44,11 @@ from .streams import HashingStream, decompress_stream, disk_error, write_stream
 log = structlog.get_logger(__name__)
 
 PRE = ".pre-restore"
-STAGE_AT_ONCE = 2  # objects downloaded and unpacked at once (the images archive counts as one)
+# Objects downloaded and unpacked at once (the images archive counts as one). Four, not two: on
+# 2 cores a 2 GB full restore took 5.70 s against 5.85 s (medians of 5) and varied less, since a
+# stream waiting on the network, on `docker load` or on the disk leaves its core to the others;
+# and real S3 and R2 serve each connection at a fraction of a link's speed. ~15 MB more RSS.
+STAGE_AT_ONCE = 4
 DB_SIDE_FILES = ("state.db-wal", "state.db-shm", "state.db-journal")
 
 
@@ -326,10 +330,14 @@ class RestoreJob:
         """
         from .docker import check_docker, load_images
 
-        await check_docker()  # an engine that is down is reported now, before anything stops
         fed = asyncio.Event()
         source = decompress_stream(self._decoded(plan, e), e.codec, e.name)
         self._load = asyncio.create_task(load_images(source, commit=self._load_commit, fed=fed))
+        # An engine that is down is reported now, before anything stops, in check_docker's words
+        # (clearer than a failed load's). Asked while the load starts: on a small restore, waiting
+        # for the answer first put ~0.1 s on the critical path. A failure here leaves the load to
+        # run()'s clean-up, which kills it.
+        await check_docker()
         waiter = asyncio.ensure_future(fed.wait())
         try:
             await asyncio.wait({waiter, self._load}, return_when=asyncio.FIRST_COMPLETED)
