@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# A temp-tree walk waits this many times its own duration before the next one (see _Sampler.sample).
+WALK_BUDGET = 50
 
 
 @dataclass
@@ -166,14 +168,19 @@ class _Sampler(threading.Thread):
         self.temp_peak = 0
         self.temp_file_peak = 0
         self.samples = 0
+        self.next_walk = 0.0
 
     def sample(self) -> None:
         rss = sum(rss_bytes(p) for p in tree(self.pid))
         self.rss_peak = max(self.rss_peak, rss)
-        if self.temps:
+        now = time.monotonic()
+        if self.temps and now >= self.next_walk:
             total, biggest = temp_usage(self.temps)
             self.temp_peak = max(self.temp_peak, total)
             self.temp_file_peak = max(self.temp_file_peak, biggest)
+            # Walking a restore's staging tree (~1,700 files) took 7-37 ms: every 0.1 s, that CPU
+            # was taken from the command measured on these 2 cores. Walks now use at most ~2% of one.
+            self.next_walk = now + max(self.interval, WALK_BUDGET * (time.monotonic() - now))
         self.samples += 1
 
     def run(self) -> None:
