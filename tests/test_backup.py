@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.backup import BackupJob
 from daemon.config import Config, parse_config
@@ -72,7 +73,13 @@ async def test_partial_backup_layout_and_manual_restore(
 
 
 async def test_full_backup_has_services_and_images(root: RootInfo, s3_storage: S3Storage) -> None:
-    res = await BackupJob(cfg_for(root.path), s3_storage).run("full")
+    with capture_logs() as logs:
+        res = await BackupJob(cfg_for(root.path), s3_storage).run("full")
+    events = [e["event"] for e in logs]
+    # `docker save` starts first, to overlap the archives; the manifest keeps the artifacts' order
+    assert events.index("docker_save_started") < events.index("archive_done")
+    assert [o.name for o in res.manifest.objects][:2] == ["state.db.zst", "configs.tar.zst"]
+    assert res.manifest.objects[-1].name == "images.tar.zst"
     names = sorted(o.name for o in res.manifest.objects)
     assert names == sorted(
         ["state.db.zst", "configs.tar.zst", "images.tar.zst"]
