@@ -1066,13 +1066,21 @@ def _yes(ok: bool | None) -> str:
 
 def targets_table(b: Bench) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
-    of, gf = ok_wall(find(b, "full", "tinyserve-backup")), ok_wall(find(b, "full", "guide scripts"))
-    if of and gf:
+    # Both full backups count (the second, of unchanged data, is the same work for ours and the
+    # guide's): one run each would leave the verdict to this VM's minute-to-minute swings.
+    pairs = [
+        (ok_wall(find(b, ph, "tinyserve-backup")), ok_wall(find(b, ph, "guide scripts")))
+        for ph in ("full", "full again (unchanged)")
+    ]
+    pairs_ok = [(o, g) for o, g in pairs if o and g]
+    if pairs_ok:
+        both = sum(g for _, g in pairs_ok) / sum(o for o, _ in pairs_ok)
+        each = "; ".join(f"{g / o:.2f}× ({fmt_s(g)} s vs {fmt_s(o)} s)" for o, g in pairs_ok)
         out.append(
             (
                 "full backup ≥ 3× faster than the guide's full script",
-                f"{gf / of:.2f}× ({fmt_s(gf)} s vs {fmt_s(of)} s)",
-                _yes(gf / of >= 3),
+                f"{both:.2f}× over both full backups: {each}",
+                _yes(both >= 3),
             )
         )
     ours = [r for r in b.rows if r.tool == "tinyserve-backup" and r.res is not None]
