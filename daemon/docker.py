@@ -348,6 +348,11 @@ async def save_images(
 # tar's end-of-archive blocks before it registers an image or moves a tag. Withholding the last
 # bytes therefore keeps a fully fed load pending, and killing it then leaves Docker unchanged.
 TAIL_HOLD_BYTES = 64 * 1024
+# How long `docker load` may take once it has the whole archive (registering layers, no more
+# input). In a restore this runs with tinyserved stopped, so a stuck engine must not keep the
+# services down for good: past it the load is killed and the restore rolls back. Generous, since
+# a real engine unpacks every layer here: minutes for GBs of images on a slow disk.
+LOAD_FINISH_TIMEOUT_S = 30 * 60.0
 
 
 async def load_images(
@@ -355,6 +360,7 @@ async def load_images(
     *,
     commit: asyncio.Event | None = None,
     fed: asyncio.Event | None = None,
+    finish_timeout_s: float | None = None,
 ) -> list[str]:
     """Feed a docker-save tar, chunk by chunk, into ``docker load``; return the loaded names.
 
@@ -366,6 +372,9 @@ async def load_images(
     docker does all the work of reading the archive while the caller checks everything else, and
     loads nothing unless the caller lets it finish (cancelling the call kills it).  ``fed`` is set
     once the source is exhausted and everything but that tail has been written.
+
+    Once docker has the whole archive it gets ``finish_timeout_s`` (default
+    ``LOAD_FINISH_TIMEOUT_S``) to finish; then it is killed and a ``DockerError`` raised.
     """
     if commit is None:
         commit = asyncio.Event()
@@ -430,7 +439,15 @@ async def load_images(
             proc.stdin.close()
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 await proc.stdin.wait_closed()
-        returncode = await proc.wait()
+        limit = LOAD_FINISH_TIMEOUT_S if finish_timeout_s is None else finish_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                returncode = await proc.wait()
+        except TimeoutError:
+            raise DockerError(
+                f"`docker load` did not finish within {limit:g} s of receiving the whole image archive",
+                "check that the Docker engine is healthy (`docker info`), then run the restore again",
+            ) from None
         stdout, stderr = await stdout_task, await stderr_task
         if returncode != 0:
             raise _failure("load", returncode, stderr, extra=f" after {fed_bytes} bytes")

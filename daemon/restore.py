@@ -11,7 +11,8 @@ Order of work (nothing live changes before step 3):
      restore) and the staged item renamed into place — same filesystem, so each swap is atomic;
      a restored ``state.db`` never has a stale ``-wal``/``-shm`` beside it;
   4. ``PRAGMA integrity_check`` on the database now in place (a failure still rolls back);
-     the held-back tail of the images archive is sent and ``docker load`` finishes (full backups);
+     the held-back tail of the images archive is sent and ``docker load`` finishes (full backups;
+     within ``docker.LOAD_FINISH_TIMEOUT_S``, or it is killed and the restore fails);
   5. tinyserved is started — also after a failure past step 2, once the old state is rolled back;
   6. ``tinyserve status`` when it exists.
 """

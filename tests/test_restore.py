@@ -539,6 +539,26 @@ async def test_cancel_once_docker_has_the_whole_archive_lets_the_restore_finish(
     assert ctl_calls() == [["stop"], ["start"]]
 
 
+async def test_a_docker_load_that_never_finishes_is_killed_and_the_restore_rolls_back(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A stuck engine must not keep tinyserved down for good once it has the whole archive."""
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("full")
+    (root.path / "generated" / "marker").write_text("live")
+    live = snapshot(root.path)
+    shutil.rmtree(os.environ["FAKE_DOCKER_STATE"])
+    monkeypatch.setenv("FAKE_DOCKER_LOAD_GATE", str(tmp_path / "never"))  # reads all, then hangs
+    monkeypatch.setattr(docker, "LOAD_FINISH_TIMEOUT_S", 0.5)
+    with pytest.raises(DockerError, match=r"`docker load` did not finish within 0\.5 s"):
+        await asyncio.wait_for(RestoreJob(cfg, s3_storage).run(res.timestamp), 25)
+    assert Path(f"{tmp_path / 'never'}.reached").exists()  # it did get the whole archive
+    assert snapshot(root.path) == live
+    assert ctl_calls() == [["stop"], ["start"]]
+    assert await inspect_images(root.images) == dict.fromkeys(root.images)  # killed: nothing loaded
+    assert sorted(p.name for p in root.path.parent.iterdir() if p.name.startswith(".")) == []
+
+
 async def test_a_cancel_landing_after_a_protected_step_ended_keeps_its_result() -> None:
     async def step() -> str:
         await asyncio.sleep(0)
