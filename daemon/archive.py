@@ -118,6 +118,8 @@ class ArchiveStats:
     sha256: str = ""  # of the bytes handed to the consumer
     skipped: list[SkippedEntry] = field(default_factory=list)
     changed: list[ChangedEntry] = field(default_factory=list)
+    # symlinks stored as they are that a restore will refuse (path, why): absolute or leading out
+    unsafe_links: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -751,6 +753,13 @@ class _ArchiveWorker:
                 return []
             self._emit_header(rel, st, tarfile.SYMTYPE, link=target)
             self._stats.links += 1
+            try:
+                _check_symlink_target(rel, _member_parts(rel), target)
+            except UnsafeArchiveError as exc:
+                # Kept, since it is the user's data, but said now, while it can still be fixed:
+                # restore refuses such links (they are how hostile archives escape the root).
+                self._stats.unsafe_links.append((rel, exc.message))
+                log.warning("archive_unsafe_link", path=rel, target=target)
             return []
         if stat.S_ISREG(mode):
             self._add_file(rel, path, st)
@@ -1319,6 +1328,12 @@ def _member_parts(name: str, what: str = "member") -> tuple[str, ...]:
     return parts
 
 
+_LINK_FIX = (
+    "restore refuses links that lead out of the root; if this backup is your own, unpack it by hand "
+    "(README: Restoring by hand) and make the link relative (the backup warned about it)"
+)
+
+
 def _check_symlink_target(name: str, parts: tuple[str, ...], target: str) -> None:
     """Refuse link targets that can leave the destination.
 
@@ -1330,7 +1345,7 @@ def _check_symlink_target(name: str, parts: tuple[str, ...], target: str) -> Non
     if not target or "\0" in target:
         raise UnsafeArchiveError(f"symlink {name!r} has an empty or invalid target")
     if target.startswith("/"):
-        raise UnsafeArchiveError(f"symlink {name!r} points at absolute path {target!r}")
+        raise UnsafeArchiveError(f"symlink {name!r} points at absolute path {target!r}", _LINK_FIX)
     ups = 0
     descended = False
     for comp in target.split("/"):
@@ -1345,7 +1360,7 @@ def _check_symlink_target(name: str, parts: tuple[str, ...], target: str) -> Non
         else:
             descended = True
     if ups > len(parts) - 1:
-        raise UnsafeArchiveError(f"symlink {name!r} points outside the destination ({target!r})")
+        raise UnsafeArchiveError(f"symlink {name!r} points outside the destination ({target!r})", _LINK_FIX)
 
 
 def _under(parts: tuple[str, ...], prefixes: list[tuple[str, ...]]) -> bool:

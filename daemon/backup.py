@@ -314,6 +314,11 @@ class BackupJob:
             warnings.append(f"file changed while it was read ({changed.reason}): {changed.path}")
         for skipped in getattr(stats, "skipped", []) or []:
             warnings.append(f"skipped ({skipped.reason}): {skipped.path}")
+        for _path, why in getattr(stats, "unsafe_links", []) or []:
+            warnings.append(
+                f"{why} — stored as it is, but a restore will refuse it (links must stay inside the "
+                "root): replace it with a relative link or a copy"
+            )
         log.info("artifact_uploaded", name=entry.name, size_bytes=entry.size, sha256=entry.sha256)
         return entry
 

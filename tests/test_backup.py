@@ -95,6 +95,24 @@ async def test_full_backup_has_services_and_images(root: RootInfo, s3_storage: S
     assert b"manifest.json" in listing
 
 
+async def test_links_a_restore_would_refuse_are_warned_about_at_backup_time(
+    root: RootInfo, s3_storage: S3Storage
+) -> None:
+    blog = root.path / "services" / "blog"
+    (blog / "localtime").symlink_to("/usr/share/zoneinfo/UTC")
+    (blog / "shared").symlink_to("../../../elsewhere")
+    (blog / "fine").symlink_to("../notes")
+    res = await BackupJob(cfg_for(root.path), s3_storage).run("services", ["blog"])
+    refused = [w for w in res.warnings if "a restore will refuse it" in w]
+    assert len(refused) == 2, res.warnings
+    assert "'services/blog/localtime' points at absolute path '/usr/share/zoneinfo/UTC'" in refused[0]
+    assert "'services/blog/shared' points outside the destination" in refused[1]
+    # stored as they are all the same: it is the user's data
+    raw = await s3_storage.get_bytes(f"services/{res.timestamp}/services/blog.tar.zst")
+    listing = subprocess.run(["tar", "--zstd", "-tvf", "-"], input=raw, capture_output=True, check=True)
+    assert "services/blog/localtime -> /usr/share/zoneinfo/UTC" in listing.stdout.decode()
+
+
 async def test_services_backup_selects_names(root: RootInfo, s3_storage: S3Storage) -> None:
     job = BackupJob(cfg_for(root.path), s3_storage)
     res = await job.run("services", ["blog"])

@@ -231,6 +231,21 @@ async def test_hostile_archive_refused(
     assert not (await verify_backup(s3_storage, ref)).ok
 
 
+async def test_an_absolute_symlink_in_own_data_is_refused_with_the_way_out(
+    root: RootInfo, s3_storage: S3Storage
+) -> None:
+    (root.path / "services" / "blog" / "localtime").symlink_to("/usr/share/zoneinfo/UTC")
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("full")
+    assert any("a restore will refuse it" in w for w in res.warnings)
+    live = snapshot(root.path)
+    with pytest.raises(UnsafeArchiveError, match="'services/blog/localtime' points at absolute") as err:
+        await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    assert "unpack it by hand" in err.value.fix and "Restoring by hand" in err.value.fix
+    assert snapshot(root.path) == live
+    assert ctl_calls() == []
+
+
 async def test_failure_after_stop_rolls_back_and_starts(
     root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
