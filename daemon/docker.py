@@ -360,7 +360,6 @@ async def load_images(
     *,
     commit: asyncio.Event | None = None,
     fed: asyncio.Event | None = None,
-    finish_timeout_s: float | None = None,
 ) -> list[str]:
     """Feed a docker-save tar, chunk by chunk, into ``docker load``; return the loaded names.
 
@@ -373,8 +372,8 @@ async def load_images(
     loads nothing unless the caller lets it finish (cancelling the call kills it).  ``fed`` is set
     once the source is exhausted and everything but that tail has been written.
 
-    Once docker has the whole archive it gets ``finish_timeout_s`` (default
-    ``LOAD_FINISH_TIMEOUT_S``) to finish; then it is killed and a ``DockerError`` raised.
+    Once docker has the whole archive it gets ``LOAD_FINISH_TIMEOUT_S`` to finish; then it is
+    killed and a ``DockerError`` raised.
     """
     if commit is None:
         commit = asyncio.Event()
@@ -439,7 +438,7 @@ async def load_images(
             proc.stdin.close()
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 await proc.stdin.wait_closed()
-        limit = LOAD_FINISH_TIMEOUT_S if finish_timeout_s is None else finish_timeout_s
+        limit = LOAD_FINISH_TIMEOUT_S
         try:
             async with asyncio.timeout(limit):
                 returncode = await proc.wait()
