@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import io
 import os
 import random
 import secrets
@@ -139,29 +140,39 @@ def part_size_for(number: int, base: int) -> int:
     return base << min((number - 1) // 2000, 4)
 
 
-async def _rechunk(chunks: AsyncIterator[bytes], base: int) -> AsyncIterator[bytes]:
+async def _rechunk(chunks: AsyncIterator[bytes], base: int) -> AsyncIterator[io.BytesIO]:
     """Regroup a stream into multipart parts (see ``part_size_for``; the last may be shorter).
 
-    Pieces are collected and joined once per part: one copy of the data, not a growing buffer
-    that is copied again at every cut.
+    Each part is written once into a ``BytesIO`` of its own: one copy of the data, not a growing
+    buffer copied again at every cut. A ``BytesIO`` rather than ``bytes``: botocore turns a bytes
+    body into ``BytesIO(body)``, which shares the bytes, and aiohttp then takes its buffer, which
+    unshares it, i.e. copies the whole part again. With parts in flight that was ~17 MB of peak
+    RSS per upload (+57 MB against +40 MB for one 300 MB stream), for nothing.
     """
     number = 1
     size = part_size_for(number, base)
-    pieces: builtins.list[bytes] = []
+    part = io.BytesIO()
     held = 0
     async for chunk in chunks:
-        while chunk:
-            take = min(len(chunk), size - held)
-            pieces.append(chunk[:take] if take < len(chunk) else chunk)
-            chunk = chunk[take:]
+        view = memoryview(chunk)  # cut without copying; the part's write is the one copy
+        while view:
+            take = min(len(view), size - held)
+            part.write(view[:take])
+            view = view[take:]
             held += take
             if held == size:
-                yield b"".join(pieces)
-                pieces, held = [], 0
+                yield part
+                part, held = io.BytesIO(), 0
                 number += 1
                 size = part_size_for(number, base)
     if held:
-        yield b"".join(pieces)
+        yield part
+
+
+def _from_start(part: io.BytesIO) -> io.BytesIO:
+    """The part ready to be sent (again: a retried request must not start where the last ended)."""
+    part.seek(0)
+    return part
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,14 +590,14 @@ class S3Storage(Storage):
         try:
             first = await anext(parts)
         except StopAsyncIteration:
-            first = b""
+            first = io.BytesIO()
         try:
             second = await anext(parts)
         except StopAsyncIteration:
             # Small object: one PUT, no multipart bookkeeping to clean up.
             await self._call(
                 f"put {key}",
-                lambda c: c.put_object(Bucket=self.s.bucket, Key=full, Body=first),
+                lambda c: c.put_object(Bucket=self.s.bucket, Key=full, Body=_from_start(first)),
             )
             return UploadResult(key=key, size=hs.size, sha256=hs.sha256)
 
@@ -613,7 +624,7 @@ class S3Storage(Storage):
         tasks: set[asyncio.Task[None]] = set()
         failure: list[BaseException] = []
 
-        async def send(number: int, body: bytes) -> None:
+        async def send(number: int, body: io.BytesIO) -> None:
             try:
                 r = await self._call(
                     f"upload part {number} of {key}",
@@ -622,7 +633,7 @@ class S3Storage(Storage):
                         Key=full,
                         UploadId=upload_id,
                         PartNumber=number,
-                        Body=body,
+                        Body=_from_start(body),
                     ),
                 )
                 etags[number] = r["ETag"]
@@ -632,7 +643,7 @@ class S3Storage(Storage):
             finally:
                 sem.release()
 
-        async def submit(number: int, body: bytes) -> None:
+        async def submit(number: int, body: io.BytesIO) -> None:
             # Acquiring before reading the next part is what bounds memory to concurrency + 1 parts.
             await sem.acquire()
             if failure:

@@ -324,6 +324,6 @@ async def test_rechunk_cuts_exact_parts() -> None:
         for i in range(7):
             yield bytes([i]) * 3_000_000
 
-    parts = [p async for p in _rechunk(src(), 5 * MiB)]
+    parts = [p.getvalue() async for p in _rechunk(src(), 5 * MiB)]
     assert [len(p) for p in parts] == [5 * MiB] * 4 + [21_000_000 - 4 * 5 * MiB]
     assert b"".join(parts) == b"".join(bytes([i]) * 3_000_000 for i in range(7))
