@@ -43,8 +43,8 @@ class Daemon:
         self.cfg_path.write_text(config)
         self.log = tmp / "daemon.log"
         self.offset_file = tmp / "clock-offset"
-        self.offset = (virtual_now - datetime.now(UTC)).total_seconds()
-        self.offset_file.write_text(repr(self.offset))
+        self.virtual_now = virtual_now
+        self._set_offset()
         self.env = dict(os.environ)
         self.env.update(
             {
@@ -54,7 +54,14 @@ class Daemon:
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _set_offset(self) -> None:
+        self.offset = (self.virtual_now - datetime.now(UTC)).total_seconds()
+        self.offset_file.write_text(repr(self.offset))
+
     def start(self) -> Daemon:
+        # The virtual clock reads `virtual_now` at the spawn, whatever ran before (a `status` call
+        # took seconds on a loaded machine and once ate a test's whole lead to the cron fire).
+        self._set_offset()
         with open(self.tmp / "daemon.stderr", "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon", "--config", str(self.cfg_path), "run"],
@@ -186,7 +193,7 @@ def test_scheduled_job_runs_on_its_cron_and_status_is_true(tmp_path: Path, daemo
         wal=True,
         extra=f"alerts:\n  healthchecks_url: http://127.0.0.1:9/{SECRET_TOKEN}\n  timeout_seconds: 1\n",
     )
-    d = Daemon(tmp_path, cfg, virtual_now=fire - timedelta(seconds=4))
+    d = Daemon(tmp_path, cfg, virtual_now=fire - timedelta(seconds=6))
 
     never = d.cli("status")
     assert never.returncode == 3 and "has not run" in never.stdout
@@ -247,7 +254,7 @@ def test_sigterm_mid_backup_leaves_no_manifest(tmp_path: Path, daemons: list[Dae
         # services go blog, notes, photos: photos' pre hook holds the backup mid-way
         extra="hooks:\n  photos:\n    pre: [sleep, '60']\n",
     )
-    d = Daemon(tmp_path, cfg, virtual_now=fire - timedelta(seconds=3))
+    d = Daemon(tmp_path, cfg, virtual_now=fire - timedelta(seconds=5))
     daemons.append(d.start())
     d.wait_event(lambda e: e["event"] == "artifact_uploaded" and "notes" in str(e.get("name")), 30)
     assert (dest / "services").is_dir()
