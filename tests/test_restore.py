@@ -246,24 +246,6 @@ async def test_an_absolute_symlink_in_own_data_is_refused_with_the_way_out(
     assert ctl_calls() == []
 
 
-async def test_failure_after_stop_rolls_back_and_starts(
-    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cfg = cfg_for(root.path)
-    res = await BackupJob(cfg, s3_storage).run("full")
-    (root.path / "generated" / "marker").write_text("live")
-    live = snapshot(root.path)
-    shutil.rmtree(os.environ["FAKE_DOCKER_STATE"])
-    # the engine takes the whole archive, then fails to store it: after the stop and the swap
-    monkeypatch.setenv("FAKE_DOCKER_LOAD_FAIL_AT_END", "1")
-    with pytest.raises(DockerError, match="no space left"):
-        await RestoreJob(cfg, s3_storage).run(res.timestamp)
-    assert snapshot(root.path) == live
-    assert ctl_calls() == [["stop"], ["start"]]
-    assert not any(".pre-restore" in p.name for p in root.path.iterdir())
-    assert await inspect_images(root.images) == dict.fromkeys(root.images)
-
-
 async def test_docker_down_refuses_a_full_restore_before_anything_stops(
     root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -554,23 +536,32 @@ async def test_cancel_once_docker_has_the_whole_archive_lets_the_restore_finish(
     assert ctl_calls() == [["stop"], ["start"]]
 
 
-async def test_a_docker_load_that_never_finishes_is_killed_and_the_restore_rolls_back(
-    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("how", ["fails_at_end", "never_finishes"])
+async def test_a_docker_load_failing_after_the_swap_rolls_back_and_starts(
+    how: str, root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A stuck engine must not keep tinyserved down for good once it has the whole archive."""
     cfg = cfg_for(root.path)
     res = await BackupJob(cfg, s3_storage).run("full")
     (root.path / "generated" / "marker").write_text("live")
     live = snapshot(root.path)
     shutil.rmtree(os.environ["FAKE_DOCKER_STATE"])
-    monkeypatch.setenv("FAKE_DOCKER_LOAD_GATE", str(tmp_path / "never"))  # reads all, then hangs
-    monkeypatch.setattr(docker, "LOAD_FINISH_TIMEOUT_S", 2.0)  # ms are enough to reach the gate
-    with pytest.raises(DockerError, match=r"`docker load` did not finish within 2 s"):
+    gate = tmp_path / "never"
+    if how == "fails_at_end":
+        # the engine takes the whole archive, then fails to store it: after the stop and the swap
+        monkeypatch.setenv("FAKE_DOCKER_LOAD_FAIL_AT_END", "1")
+        expected = "no space left"
+    else:
+        # a stuck engine must not keep tinyserved down for good once it has the whole archive
+        monkeypatch.setenv("FAKE_DOCKER_LOAD_GATE", str(gate))  # reads all, then hangs
+        monkeypatch.setattr(docker, "LOAD_FINISH_TIMEOUT_S", 2.0)  # ms are enough to reach the gate
+        expected = r"`docker load` did not finish within 2 s"
+    with pytest.raises(DockerError, match=expected):
         await asyncio.wait_for(RestoreJob(cfg, s3_storage).run(res.timestamp), 25)
-    assert Path(f"{tmp_path / 'never'}.reached").exists()  # it did get the whole archive
+    if how == "never_finishes":
+        assert Path(f"{gate}.reached").exists()  # it did get the whole archive
     assert snapshot(root.path) == live
     assert ctl_calls() == [["stop"], ["start"]]
-    assert await inspect_images(root.images) == dict.fromkeys(root.images)  # killed: nothing loaded
+    assert await inspect_images(root.images) == dict.fromkeys(root.images)  # nothing loaded
     assert sorted(p.name for p in root.path.parent.iterdir() if p.name.startswith(".")) == []
 
 
