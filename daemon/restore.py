@@ -171,18 +171,16 @@ async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
 
 async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -> list[str]:
     """Stop tinyserved, swap ``items`` in; on failure or cancellation put everything back first."""
+    aside: list[str] = []
     _, cancelled = await through_cancel(tinyserved.stop())
+    if not cancelled:
+        try:
+            aside, cancelled = await through_cancel(asyncio.to_thread(swap.apply, items))
+        except BaseException:
+            await _undo(swap, tinyserved)
+            raise
     if cancelled:
-        with contextlib.suppress(BackupError):
-            await through_cancel(tinyserved.start())
-        raise asyncio.CancelledError
-    try:
-        aside, cancelled = await through_cancel(asyncio.to_thread(swap.apply, items))
-    except BaseException:
-        await _undo(swap, tinyserved)
-        raise
-    if cancelled:
-        await _undo(swap, tinyserved)
+        await _undo(swap, tinyserved)  # (nothing to move back when the stop was interrupted)
         raise asyncio.CancelledError
     return aside
 
