@@ -185,6 +185,18 @@ async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -
     return aside
 
 
+async def start_on_new_state(swap: Swap, tinyserved: Tinyserved) -> bool:
+    """Start tinyserved on the swapped-in state and empty the trash, both to their end.
+
+    Returns whether a cancellation arrived meanwhile, for the caller to raise once it is done: a
+    Ctrl-C landing here must not leave tinyserved stopped or the previous restore's leftovers half
+    deleted.
+    """
+    _, cancelled = await through_cancel(tinyserved.start())
+    _, late = await through_cancel(asyncio.to_thread(swap.discard_trash))
+    return cancelled or late
+
+
 class RestoreJob:
     def __init__(
         self,
@@ -472,9 +484,8 @@ class RestoreJob:
             if isinstance(exc, OSError):
                 raise disk_error(exc, self.root) from None
             raise
-        _, cancelled = await through_cancel(self.tinyserved.start())
-        _, late = await through_cancel(asyncio.to_thread(swap.discard_trash))
-        if interrupted or cancelled or late:
+        cancelled = await start_on_new_state(swap, self.tinyserved)
+        if interrupted or cancelled:
             log.warning("restore_finished_despite_cancel", backup=f"{plan.ref.type}/{plan.ref.timestamp}")
             raise asyncio.CancelledError
         ok, status = await self.tinyserved.status()
@@ -504,6 +515,7 @@ async def swap_database(cfg: Config, staged_db: Path, tinyserved: Tinyserved | N
     ts = tinyserved or Tinyserved.from_config(cfg)
     swap = Swap(cfg.root)
     aside = await swap_in(swap, [StagedItem("state.db", staged_db)], ts)
-    await ts.start()
-    await asyncio.to_thread(swap.discard_trash)
+    if await start_on_new_state(swap, ts):
+        log.warning("restore_finished_despite_cancel", backup="point-in-time")
+        raise asyncio.CancelledError
     return aside

@@ -565,6 +565,46 @@ async def test_a_docker_load_failing_after_the_swap_rolls_back_and_starts(
     assert sorted(p.name for p in root.path.parent.iterdir() if p.name.startswith(".")) == []
 
 
+async def test_a_cancel_while_tinyserved_starts_after_a_point_in_time_swap_lets_it_start(
+    tmp_path: Path,
+) -> None:
+    """`restore --at` in place: Ctrl-C as tinyserved starts must not leave it stopped."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "state.db").write_text("old")
+    (root / "state.db.pre-restore").write_text("older")  # the previous restore's: goes to the trash
+    staged = tmp_path / "staged.db"
+    staged.write_text("new")
+    reached, release = tmp_path / "reached", tmp_path / "release"
+    os.mkfifo(release)
+    # The start command signals it is under way, then waits for the test (a bounded read).
+    start = ["sh", "-c", 'touch "$1"; read -t 20 _ < "$2"; exec tinyserved-ctl start', "sh"]
+    ctl = Tinyserved(["tinyserved-ctl", "stop"], [*start, str(reached), str(release)], [])
+    task = asyncio.create_task(restore_mod.swap_database(cfg_for(root), staged, ctl))
+
+    def started() -> bool:
+        deadline = time.monotonic() + 20
+        while not reached.exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    assert await asyncio.to_thread(started)
+    task.cancel()
+    await asyncio.sleep(0)  # the cancel lands while the start command runs
+    assert not task.done()
+    with release.open("w") as w:
+        w.write("go\n")
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 20)
+    assert ctl_calls() == [["stop"], ["start"]]
+    assert {p.name: p.read_text() for p in root.iterdir()} == {
+        "state.db": "new",
+        "state.db.pre-restore": "old",
+    }  # and no trash directory left behind
+
+
 async def test_a_cancel_landing_after_a_protected_step_ended_keeps_its_result() -> None:
     async def step() -> str:
         await asyncio.sleep(0)
