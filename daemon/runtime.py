@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 from typing import Any
 
@@ -52,6 +51,7 @@ def _glibc_function(name: str) -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):  # not glibc (musl lacks malloc_trim), or no libc found
+        # The process's own symbols include libc's; find_library("c") would run `ldconfig -p`.
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):  # not glibc (musl lacks malloc_trim)
         return None
