@@ -220,6 +220,29 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def page_cost(where: Path, mib: int = 256) -> str:
+    """Seconds to write ``mib`` MiB of file data twice: the second write reuses the first's pages.
+
+    This VM's host backs guest memory lazily and takes freed memory back within seconds, so page
+    cache on fresh memory can cost ~10x reused memory, and that swings from minute to minute. The
+    report prints both at start and end: every tool's wall time moves with the first.
+    """
+    buf = b"\x5a" * MiB
+    times = []
+    for _ in range(2):
+        path = where / ".page-cost"
+        t = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for _ in range(mib):
+                os.write(fd, buf)
+        finally:
+            os.close(fd)
+        times.append(time.perf_counter() - t)
+        path.unlink()
+    return f"{mib} MiB written in {times[0]:.2f} s, again at once {times[1]:.2f} s"
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -951,6 +974,9 @@ def render(b: Bench, info: dict[str, str], started: datetime, data: dict[str, An
         f"Load average at start {data['load_start']}, at end {loadavg()} "
         "(other work on this machine distorts figures; compare within one run)."
     )
+    L.append(
+        f"- Page cost (see bench/README.md): at start {data['pages_start']}; at end {page_cost(b.work)}."
+    )
     L.append(f"- Run took {data['total_s']:.0f} s.")
     L.append("")
     headers = [
@@ -1207,6 +1233,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tsb-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"work directory {work}")
+    pages_start = page_cost(work)
     moto = start_moto()
     try:
         create_bucket(moto.endpoint, BUCKET)
@@ -1235,6 +1262,7 @@ def main(argv: list[str] | None = None) -> int:
             f"SQLite, many small files, symlinks, unicode names) + {len(ri.images)} Docker images "
             f"{fmt_bytes(img_bytes)} in the stand-in store; generated in {gen_s:.0f} s",
             "load_start": load_start,
+            "pages_start": pages_start,
             "size": size,
         }
         ensure_aws()
