@@ -67,7 +67,11 @@ class ObjectNotFoundError(StorageError):
 
 
 class PreconditionFailedError(StorageError):
-    """A conditional write lost: the object already exists."""
+    """A conditional request lost: the object already exists, or changed since it was read."""
+
+
+class UnsupportedRequestError(StorageError):
+    """The provider does not implement a request (HTTP 501), e.g. a conditional write."""
 
 
 class LockError(BackupError):

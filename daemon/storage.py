@@ -2,8 +2,10 @@
 
 Every key is relative to the destination prefix, so callers never see the bucket or the prefix.
 Both backends keep the same semantics: writes are all-or-nothing (a reader sees the old object or the
-new one, never a torn one), ``if_none_match`` is an exclusive create, and a streaming upload that
-fails or is cancelled leaves nothing behind but, at worst, an upload that ``prune`` aborts.
+new one, never a torn one), ``if_none_match`` is an exclusive create, ``if_match`` (with the version
+``get_versioned`` returned) replaces or ``delete_if_match`` deletes only an object nobody changed
+since, and a streaming upload that fails or is cancelled leaves nothing behind but, at worst, an
+upload that ``prune`` aborts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import random
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +37,7 @@ from .errors import (
     PreconditionFailedError,
     StorageError,
     TransientStorageError,
+    UnsupportedRequestError,
 )
 from .fsutil import fsync_dir
 from .streams import HashingStream, MiB, file_chunks
@@ -88,10 +91,25 @@ class Storage(ABC):
     concurrency: int = 4
 
     @abstractmethod
-    async def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None: ...
+    async def put_bytes(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> None:
+        """Write ``key``; ``if_none_match``: only if absent; ``if_match``: only while at that version.
+
+        A lost condition raises ``PreconditionFailedError`` (``ObjectNotFoundError`` when an
+        ``if_match`` object is gone).
+        """
 
     @abstractmethod
     async def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    async def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and its version (S3's ETag), for ``if_match``/``delete_if_match``."""
+
+    @abstractmethod
+    async def delete_if_match(self, key: str, version: str) -> None:
+        """Delete ``key`` only while it is at ``version`` (errors as ``put_bytes(if_match=…)``)."""
 
     @abstractmethod
     async def head(self, key: str) -> ObjectInfo | None: ...
@@ -204,7 +222,7 @@ class LocalStorage(Storage):
                 "create it (or mount the disk), or fix `destination.url` in the config",
             )
 
-    def _write_atomic(self, key: str, data: bytes, if_none_match: bool) -> None:
+    def _write_atomic(self, key: str, data: bytes, if_none_match: bool, if_match: str | None = None) -> None:
         self._check_root()
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +231,41 @@ class LocalStorage(Storage):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        self._publish(tmp, path, if_none_match)
+        if if_match is None:
+            self._publish(tmp, path, if_none_match)
+            return
+        try:
+            with self._conditional():
+                self._check_version(path, key, if_match)
+                self._publish(tmp, path, False)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    @contextlib.contextmanager
+    def _conditional(self) -> Iterator[None]:
+        """Serialise check-then-act requests across processes: an exclusive lock on the root."""
+        import fcntl
+
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # (releases the lock)
+
+    @staticmethod
+    def _version(st: os.stat_result) -> str:
+        # Every write publishes a new file (rename of a fresh temporary), so its inode changes.
+        return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+    def _check_version(self, path: Path, key: str, version: str) -> None:
+        try:
+            current = self._version(path.stat())
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFoundError(f"object {key} not found at {self.url}") from None
+        if current != version:
+            raise PreconditionFailedError(f"object {key} changed since it was read")
 
     def _publish(self, tmp: Path, path: Path, if_none_match: bool) -> None:
         try:
@@ -230,8 +282,10 @@ class LocalStorage(Storage):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
-    async def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
-        await asyncio.to_thread(self._write_atomic, key, data, if_none_match)
+    async def put_bytes(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> None:
+        await asyncio.to_thread(self._write_atomic, key, data, if_none_match, if_match)
 
     async def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -239,6 +293,28 @@ class LocalStorage(Storage):
             return await asyncio.to_thread(path.read_bytes)
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFoundError(f"object {key} not found at {self.url}") from None
+
+    async def get_versioned(self, key: str) -> tuple[bytes, str]:
+        path = self._path(key)
+
+        def _get() -> tuple[bytes, str]:
+            with open(path, "rb") as f:
+                return f.read(), self._version(os.fstat(f.fileno()))
+
+        try:
+            return await asyncio.to_thread(_get)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFoundError(f"object {key} not found at {self.url}") from None
+
+    async def delete_if_match(self, key: str, version: str) -> None:
+        path = self._path(key)
+
+        def _delete() -> None:
+            with self._conditional():
+                self._check_version(path, key, version)
+                path.unlink()
+
+        await asyncio.to_thread(_delete)
 
     def _info(self, path: Path) -> ObjectInfo:
         st = path.stat()
@@ -418,8 +494,12 @@ def translate_error(exc: BaseException, where: str) -> StorageError | Credential
             return BucketNotFoundError(f"bucket not found ({where})")
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
             return ObjectNotFoundError(f"object not found ({where})")
-        if code in ("PreconditionFailed", "412") or status == 412:
-            return PreconditionFailedError(f"object already exists ({where})")
+        # 409 ConditionalRequestConflict: a concurrent write to the same key won while ours was
+        # being evaluated; for the caller that is the same as losing the condition.
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status == 412:
+            return PreconditionFailedError(f"object exists or changed meanwhile ({where})")
+        if code == "NotImplemented" or status == 501:
+            return UnsupportedRequestError(f"the storage provider does not implement this ({where})")
         if code in _AUTH_CODES or status == 403:
             return AccessDeniedError(f"access denied by the storage provider ({code}, {where})")
         if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
@@ -480,6 +560,7 @@ class S3Storage(Storage):
         self._stack: contextlib.AsyncExitStack | None = None
         self._open_lock = asyncio.Lock()
         self._part_slots: asyncio.Semaphore | None = None
+        self._warned_unconditional = False
 
     def _full(self, key: str) -> str:
         return f"{self._prefix}/{key}" if self._prefix else key
@@ -555,11 +636,52 @@ class S3Storage(Storage):
                 )
                 await asyncio.sleep(delay)
 
-    async def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
+    async def put_bytes(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> None:
         kwargs: dict[str, Any] = {"Bucket": self.s.bucket, "Key": self._full(key), "Body": data}
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"
-        await self._call(f"put {key}", lambda c: c.put_object(**kwargs))
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        try:
+            await self._call(f"put {key}", lambda c: c.put_object(**kwargs))
+        except UnsupportedRequestError:
+            if if_match is None:
+                raise
+            # A provider without conditional writes: the unconditional write, as before they existed.
+            self._warn_unconditional("put")
+            del kwargs["IfMatch"]
+            await self._call(f"put {key}", lambda c: c.put_object(**kwargs))
+
+    async def get_versioned(self, key: str) -> tuple[bytes, str]:
+        async def _get(c: Any) -> tuple[bytes, str]:
+            resp = await c.get_object(Bucket=self.s.bucket, Key=self._full(key))
+            async with resp["Body"] as body:
+                data: bytes = await body.read()
+            return data, str(resp["ETag"])
+
+        return await self._call(f"get {key}", _get)
+
+    async def delete_if_match(self, key: str, version: str) -> None:
+        full = self._full(key)
+        try:
+            await self._call(
+                f"delete {key}", lambda c: c.delete_object(Bucket=self.s.bucket, Key=full, IfMatch=version)
+            )
+        except UnsupportedRequestError:
+            self._warn_unconditional("delete")
+            await self._call(f"delete {key}", lambda c: c.delete_object(Bucket=self.s.bucket, Key=full))
+
+    def _warn_unconditional(self, op: str) -> None:
+        if not self._warned_unconditional:
+            self._warned_unconditional = True
+            log.warning(
+                "storage_conditional_unsupported",
+                op=op,
+                url=self.url,
+                note="no If-Match at this provider: the WAL lease falls back to read-then-write",
+            )
 
     async def get_bytes(self, key: str) -> bytes:
         async def _get(c: Any) -> bytes:

@@ -50,7 +50,9 @@ ended, or at frame 1 of a new WAL incarnation.
 Lease: ``wal/lease.json`` is created with a conditional put (If-None-Match).  It names the holder
 (host, pid, random nonce) and an expiry; it is renewed along with uploads (read back first to check
 it is still ours), so an idle shipper makes no requests and its lease may lapse.  Another shipper
-takes over only an expired lease, or one held by a dead process on the same host.
+takes over only an expired lease, or one held by a dead process on the same host.  Renewals and
+takeovers are conditional on the version read (If-Match), so two shippers cannot both win a race:
+the one whose lease changed under it stops (is fenced) instead of overwriting the other's.
 
 Spool: every object is written and fsync'd under ``spool_dir`` before it is uploaded and deleted
 after; uploads happen strictly in order.  Past ``spool_max_bytes`` the spool is dropped and a new
@@ -1672,16 +1674,17 @@ class WalShipper:
             f"(host {cur.get('host')}, pid {cur.get('pid')}, until {cur.get('expires_at')})"
         )
 
-    async def _read_lease(self) -> dict[str, Any] | None:
+    async def _read_lease(self) -> tuple[dict[str, Any], str] | None:
+        """The lease and its version, or None when there is none."""
         try:
-            data = await self.storage.get_bytes(LEASE_KEY)
+            data, version = await self.storage.get_versioned(LEASE_KEY)
         except ObjectNotFoundError:
             return None
         try:
             cur = json.loads(data)
         except ValueError:
-            return {}
-        return cur if isinstance(cur, dict) else {}
+            return {}, version
+        return (cur if isinstance(cur, dict) else {}), version
 
     async def _acquire_lease(self) -> None:
         for _ in range(4):
@@ -1692,19 +1695,26 @@ class WalShipper:
                 return
             except PreconditionFailedError:
                 pass
-            cur = await self._read_lease()
-            if cur is None:
+            got = await self._read_lease()
+            if got is None:
                 continue  # released in between: try the conditional create again
-            if cur.get("holder") == self.holder_id:
-                await self.storage.put_bytes(LEASE_KEY, self._lease_body())
-                self._lease_granted()
-                return
-            if not self._takeover_allowed(cur):
-                raise self._held_error(cur, "refusing to ship")
-            log.warning(
-                "wal_lease_takeover", previous_holder=cur.get("holder"), previous_expiry=cur.get("expires_at")
-            )
-            await self.storage.delete_many([LEASE_KEY])
+            cur, version = got
+            try:
+                if cur.get("holder") == self.holder_id:
+                    await self.storage.put_bytes(LEASE_KEY, self._lease_body(), if_match=version)
+                    self._lease_granted()
+                    return
+                if not self._takeover_allowed(cur):
+                    raise self._held_error(cur, "refusing to ship")
+                log.warning(
+                    "wal_lease_takeover",
+                    previous_holder=cur.get("holder"),
+                    previous_expiry=cur.get("expires_at"),
+                )
+                # Only the lease just judged: one renewed or taken meanwhile stays.
+                await self.storage.delete_if_match(LEASE_KEY, version)
+            except (PreconditionFailedError, ObjectNotFoundError):
+                continue  # it changed since we read it: look again
         raise LeaseHeldError(
             f"could not take the WAL lease on {self.storage.url}: other shippers keep racing for it"
         )
@@ -1716,21 +1726,30 @@ class WalShipper:
         if not self._lease_held:
             await self._acquire_lease()
             return
-        cur = await self._read_lease()
-        if cur is None:
+        got = await self._read_lease()
+        if got is None:
             await self._acquire_lease()
             return
+        cur, version = got
         if cur.get("holder") != self.holder_id:
             self._lease_held = False
             raise self._held_error(cur, "stopped shipping")
-        await self.storage.put_bytes(LEASE_KEY, self._lease_body())
+        try:
+            await self.storage.put_bytes(LEASE_KEY, self._lease_body(), if_match=version)
+        except (PreconditionFailedError, ObjectNotFoundError):
+            # Taken over between our read and our write (our lease had lapsed, e.g. over a Mac's
+            # sleep): whoever holds it now decides; _acquire_lease raises if it is another shipper.
+            self._lease_held = False
+            await self._acquire_lease()
+            return
         self._lease_granted()
 
     async def _release_lease(self) -> None:
-        cur = await self._read_lease()
-        if cur is not None and cur.get("holder") == self.holder_id:
-            await self.storage.delete_many([LEASE_KEY])
+        got = await self._read_lease()
         self._lease_held = False
+        if got is not None and got[0].get("holder") == self.holder_id:
+            with contextlib.suppress(PreconditionFailedError, ObjectNotFoundError):
+                await self.storage.delete_if_match(LEASE_KEY, got[1])  # (unless taken meanwhile)
 
     # ---- status ----
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.errors import (
     AccessDeniedError,
@@ -77,6 +78,52 @@ async def test_conditional_put(storage: Storage) -> None:
     assert await storage.get_bytes("wal/lease.json") == b"1"
     await storage.put_bytes("wal/lease.json", b"3")
     assert await storage.get_bytes("wal/lease.json") == b"3"
+
+
+async def test_replace_and_delete_only_what_was_read(storage: Storage) -> None:
+    """If-Match: a write or delete based on a stale read loses, and changes nothing."""
+    key = "wal/lease.json"
+    await storage.put_bytes(key, b"mine")
+    data, version = await storage.get_versioned(key)
+    assert data == b"mine"
+    await storage.put_bytes(key, b"mine, renewed", if_match=version)
+    # Someone else wrote after our read: our write based on it is refused...
+    _, renewed = await storage.get_versioned(key)
+    await storage.put_bytes(key, b"theirs")
+    with pytest.raises(PreconditionFailedError):
+        await storage.put_bytes(key, b"mine again", if_match=renewed)
+    # ...and so is a delete.
+    with pytest.raises(PreconditionFailedError):
+        await storage.delete_if_match(key, renewed)
+    assert await storage.get_bytes(key) == b"theirs"
+    data, current = await storage.get_versioned(key)
+    assert data == b"theirs" and current not in (version, renewed)
+    await storage.delete_if_match(key, current)
+    assert await storage.head(key) is None
+    with pytest.raises(ObjectNotFoundError):
+        await storage.put_bytes(key, b"gone", if_match=current)
+    with pytest.raises(ObjectNotFoundError):
+        await storage.delete_if_match(key, current)
+    with pytest.raises(ObjectNotFoundError):
+        await storage.get_versioned(key)
+
+
+async def test_a_provider_without_if_match_gets_plain_writes(
+    fault_proxy: FaultProxy, proxied_storage: S3Storage
+) -> None:
+    """501 NotImplemented for If-Match: the write and the delete go through unconditionally."""
+    key = "wal/lease.json"
+    await proxied_storage.put_bytes(key, b"mine")
+    _, version = await proxied_storage.get_versioned(key)
+    fault_proxy.without_conditionals()
+    await proxied_storage.put_bytes(key, b"theirs")
+    with capture_logs() as logs:
+        await proxied_storage.put_bytes(key, b"mine, renewed", if_match=version)  # stale, yet written
+        assert await proxied_storage.get_bytes(key) == b"mine, renewed"
+        await proxied_storage.delete_if_match(key, version)
+    assert await proxied_storage.head(key) is None
+    # said once (not per request), and nothing was retried as if the provider were down
+    assert [e["event"] for e in logs] == ["storage_conditional_unsupported"]
 
 
 @pytest.mark.parametrize("total", [0, 1000, 5 * MiB, 17 * MiB + 3])

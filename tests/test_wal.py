@@ -440,6 +440,90 @@ async def test_lease_taken_by_another_fences_the_shipper(
     assert json.loads(await local_storage.get_bytes(LEASE_KEY))["holder"] == "intruder:2:y"
 
 
+@pytest.fixture(params=["local", "s3"])
+def any_storage(request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue("local_storage" if request.param == "local" else "s3_storage")
+
+
+async def test_a_takeover_between_a_renewals_read_and_write_wins(
+    db: Path, tmp_path: Path, any_storage: Any
+) -> None:
+    """Our lease lapsed (a Mac asleep) and another shipper took it just after our renewal read it.
+
+    The renewal's write is conditional on what it read, so it loses: this shipper stops instead of
+    overwriting the other's lease and both shipping into one prefix.
+    """
+    storage = any_storage
+    shipper = WalShipper(db, storage, tmp_path / "spool", fast_options(lease_ttl=0.3))
+    intruder = json.dumps(
+        {
+            "holder": "intruder:2:y",
+            "host": "intruder",
+            "pid": 2,
+            "expires_at": format_ts(datetime.now(UTC) + timedelta(hours=1)),
+        }
+    ).encode()
+    real_read = shipper._read_lease
+    raced = asyncio.Event()
+
+    async def read_then_lose_the_race() -> Any:
+        got = await real_read()
+        if shipper._lease_held and not raced.is_set():
+            raced.set()
+            # the other shipper's takeover lands now, after our read, before our write
+            await storage.put_bytes(LEASE_KEY, intruder)
+        return got
+
+    shipper._read_lease = read_then_lose_the_race  # type: ignore[method-assign]
+    await shipper.start()
+    try:
+        await asyncio.sleep(0.15)  # past the renewal point (ttl/3)
+        await asyncio.to_thread(commit_rows, db, 0, 3)
+        await wait_for(lambda: shipper.status()["state"] == "fenced", 10, "the shipper to stop")
+        assert raced.is_set()
+        assert "intruder" in (shipper.status()["last_error"] or "")
+    finally:
+        await shipper.stop(timeout=1)
+    assert await storage.get_bytes(LEASE_KEY) == intruder  # not overwritten, nor deleted on the way out
+
+
+async def test_two_takeovers_of_one_expired_lease_leave_one_holder(
+    db: Path, tmp_path: Path, any_storage: Any
+) -> None:
+    """Two shippers find the same lapsed lease; the slower one must not delete the winner's."""
+    storage = any_storage
+    lapsed = {"holder": "gone:1:x", "host": "gone", "pid": 1}
+    await storage.put_bytes(
+        LEASE_KEY, json.dumps({**lapsed, "expires_at": format_ts(datetime.now(UTC))}).encode()
+    )
+    winner = json.dumps(
+        {
+            "holder": "winner:3:z",
+            "host": "winner",
+            "pid": 3,
+            "expires_at": format_ts(datetime.now(UTC) + timedelta(hours=1)),
+        }
+    ).encode()
+    slower = WalShipper(db, storage, tmp_path / "spool", fast_options())
+    real_read = slower._read_lease
+    raced = asyncio.Event()
+
+    async def read_then_lose_the_race() -> Any:
+        got = await real_read()
+        if got is not None and got[0].get("holder") == lapsed["holder"] and not raced.is_set():
+            raced.set()
+            # the other shipper deletes the lapsed lease and creates its own, after our read
+            await storage.delete_many([LEASE_KEY])
+            await storage.put_bytes(LEASE_KEY, winner, if_none_match=True)
+        return got
+
+    slower._read_lease = read_then_lose_the_race  # type: ignore[method-assign]
+    with pytest.raises(LeaseHeldError, match="winner"):
+        await slower.start()
+    assert raced.is_set()
+    assert await storage.get_bytes(LEASE_KEY) == winner
+
+
 # ---- outages, spool, crashes ---------------------------------------------------------------
 
 

@@ -73,7 +73,9 @@ def start_moto(extra_env: dict[str, str] | None = None, timeout: float = 30.0) -
 class FaultProxy:
     """A TCP proxy in its own thread: ``cut()`` drops every connection and refuses new ones
     (connections are accepted and reset at once), ``heal()`` restores service, ``latency(s)``
-    delays every forwarded chunk, ``blackhole()`` accepts but never answers."""
+    delays every forwarded chunk, ``blackhole()`` accepts but never answers, and
+    ``without_conditionals()`` plays a provider that does not implement If-Match: such requests get
+    S3's 501 NotImplemented, the rest go through (one request per connection, so each is seen)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -107,7 +109,7 @@ class FaultProxy:
         try:
             while True:
                 data = await r.read(65536)
-                if not data or self._mode != "ok":
+                if not data or self._mode in ("cut", "blackhole"):
                     break
                 if self._latency:
                     await asyncio.sleep(self._latency)
@@ -127,6 +129,20 @@ class FaultProxy:
         if self._mode == "blackhole":
             self._writers.add(cw)
             return
+        head = b""
+        if self._mode == "no_conditionals":
+            try:
+                head = await asyncio.wait_for(cr.readuntil(b"\r\n\r\n"), 10)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+                self._reset(cw)
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+            if "if-match" in headers:
+                await self._not_implemented(cr, cw, headers)
+                return
+            kept = [x for x in lines[1:] if x and not x.lower().startswith("connection:")]
+            head = "\r\n".join([lines[0], *kept, "Connection: close", "", ""]).encode("latin-1")
         try:
             ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -134,10 +150,33 @@ class FaultProxy:
             return
         self._writers.update((cw, uw))
         try:
+            if head:
+                uw.write(head)
             await asyncio.gather(self._pipe(cr, uw), self._pipe(ur, cw))
         finally:
             self._writers.discard(cw)
             self._writers.discard(uw)
+
+    @staticmethod
+    async def _not_implemented(
+        r: asyncio.StreamReader, w: asyncio.StreamWriter, headers: dict[str, str]
+    ) -> None:
+        with contextlib.suppress(Exception):
+            if headers.get("expect", "").lower() != "100-continue":
+                await asyncio.wait_for(r.readexactly(int(headers.get("content-length", "0"))), 10)
+            body = (
+                b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code>'
+                b"<Message>A header you provided implies functionality that is not implemented"
+                b"</Message><Header>If-Match</Header></Error>"
+            )
+            w.write(
+                b"HTTP/1.1 501 Not Implemented\r\nContent-Type: application/xml\r\n"
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await w.drain()
+        with contextlib.suppress(Exception):
+            w.close()
 
     @staticmethod
     def _reset(w: asyncio.StreamWriter) -> None:
@@ -181,6 +220,15 @@ class FaultProxy:
         def do() -> None:
             self._mode = "ok"
             for w in list(self._writers):
+                self._reset(w)
+            self._writers.clear()
+
+        self._call(do)
+
+    def without_conditionals(self) -> None:
+        def do() -> None:
+            self._mode = "no_conditionals"
+            for w in list(self._writers):  # (kept-alive connections would not be inspected)
                 self._reset(w)
             self._writers.clear()
 

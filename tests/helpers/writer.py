@@ -225,14 +225,25 @@ class RecordingStorage(Storage):
         self.calls: list[tuple[str, str]] = []
         self.put_done: dict[str, float] = {}
 
-    async def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
+    async def put_bytes(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> None:
         self.calls.append(("put", key))
-        await self.inner.put_bytes(key, data, if_none_match=if_none_match)
+        await self.inner.put_bytes(key, data, if_none_match=if_none_match, if_match=if_match)
         self.put_done[key] = time.time()
 
     async def get_bytes(self, key: str) -> bytes:
         self.calls.append(("get", key))
         return bytes(await self.inner.get_bytes(key))
+
+    async def get_versioned(self, key: str) -> tuple[bytes, str]:
+        self.calls.append(("get", key))
+        data, version = await self.inner.get_versioned(key)
+        return bytes(data), str(version)
+
+    async def delete_if_match(self, key: str, version: str) -> None:
+        self.calls.append(("delete", key))
+        await self.inner.delete_if_match(key, version)
 
     async def head(self, key: str) -> Any:
         self.calls.append(("head", key))
