@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import errno
 import io
 import os
 import random
@@ -249,7 +250,13 @@ class LocalStorage(Storage):
 
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                # Some network filesystems (SMB, some NFS mounts) have no flock: the check then
+                # narrows the race to its own few microseconds instead of closing it.
+                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                    raise
             yield
         finally:
             os.close(fd)  # (releases the lock)
