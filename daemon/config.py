@@ -108,6 +108,8 @@ class Tinyserved(_Model):
     start: list[str] = Field(default_factory=_default_start)
     status: list[str] = Field(default_factory=lambda: ["tinyserve", "status"])
     timeout_seconds: float = Field(default=60, gt=0)
+    # How long a restore asks `status` for tinyserved to come up after the start, before warning.
+    ready_seconds: float = Field(default=30, ge=0)
 
 
 class Schedule(_Model):

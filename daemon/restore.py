@@ -488,7 +488,7 @@ class RestoreJob:
         if interrupted or cancelled:
             log.warning("restore_finished_despite_cancel", backup=f"{plan.ref.type}/{plan.ref.timestamp}")
             raise asyncio.CancelledError
-        ok, status = await self.tinyserved.status()
+        ok, status = await self.tinyserved.wait_ready()
         if not ok:
             self.warnings.append(f"tinyserve status reports a problem: {status[-200:]}")
         log.info(

@@ -12,6 +12,10 @@ from .errors import ServiceControlError
 
 log = structlog.get_logger(__name__)
 
+# Between two `tinyserve status` calls while waiting for tinyserved to come up. There is no event to
+# wait on (launchd starts it and returns); the wait is bounded by `tinyserved.ready_seconds`.
+READY_POLL_S = 0.5
+
 
 async def run_command(
     argv: list[str] | str, *, timeout_s: float, what: str, env: dict[str, str] | None = None
@@ -56,16 +60,24 @@ def _resolvable(program: str) -> bool:
 class Tinyserved:
     """tinyserved as the config describes it (argv lists; empty means nothing to do)."""
 
-    def __init__(self, stop: list[str], start: list[str], status: list[str], timeout: float = 60) -> None:
+    def __init__(
+        self,
+        stop: list[str],
+        start: list[str],
+        status: list[str],
+        timeout: float = 60,
+        ready_seconds: float = 30,
+    ) -> None:
         self.stop_cmd = stop
         self.start_cmd = start
         self.status_cmd = status
         self.timeout = timeout
+        self.ready_seconds = ready_seconds
 
     @classmethod
     def from_config(cls, cfg: object) -> Tinyserved:
         t = cfg.tinyserved  # type: ignore[attr-defined]
-        return cls(t.stop, t.start, t.status, t.timeout_seconds)
+        return cls(t.stop, t.start, t.status, t.timeout_seconds, t.ready_seconds)
 
     async def stop(self) -> None:
         if not self.stop_cmd:
@@ -99,6 +111,25 @@ class Tinyserved:
         except ServiceControlError as exc:
             return False, exc.message
         return code == 0, out
+
+    async def wait_ready(self) -> tuple[bool, str]:
+        """`status` until it reports tinyserved up, for at most ``ready_seconds``; (ok, output).
+
+        Right after a start, launchd has only just launched tinyserved: one status call then would
+        report it down (the guide sleeps 3 s before asking). Asking again until it answers ok costs
+        nothing when tinyserved is quick, and a real problem is still reported once the time is up.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_seconds
+        tries = 0
+        while True:
+            ok, out = await self.status()
+            tries += 1
+            if ok or loop.time() + READY_POLL_S > deadline:
+                if tries > 1:
+                    log.info("tinyserved_ready" if ok else "tinyserved_not_ready", status_calls=tries)
+                return ok, out
+            await asyncio.sleep(READY_POLL_S)
 
 
 async def tinyserve_version() -> str:

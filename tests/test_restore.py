@@ -20,6 +20,7 @@ import pytest
 
 from daemon import docker
 from daemon import restore as restore_mod
+from daemon import service as service_mod
 from daemon.backup import BackupJob
 from daemon.cancel import through_cancel
 from daemon.config import Config, parse_config
@@ -84,6 +85,31 @@ async def test_full_restore_into_wiped_root_is_exact(root: RootInfo, s3_storage:
     assert ctl_calls() == [["stop"], ["start"]]
     # nothing left beside the root
     assert sorted(p.name for p in root.path.parent.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("comes_up", [True, False])
+async def test_status_is_asked_until_tinyserved_is_up(
+    comes_up: bool,
+    root: RootInfo,
+    s3_storage: S3Storage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """launchd returns before tinyserved is ready: ask again, and warn only when time is up."""
+    monkeypatch.setattr(service_mod, "READY_POLL_S", 0.05)
+    monkeypatch.setenv("FAKE_TINYSERVED_STARTING_FOR", "2" if comes_up else "1000")
+    cfg = cfg_for(root.path, "  ready_seconds: 0.5\n")
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    out = await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    calls = [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserve")]
+    status_calls = [c for c in calls if c[:1] == ["status"]]
+    if comes_up:
+        assert status_calls == [["status"]] * 3
+        assert out.tinyserve_status.startswith("tinyserved: running")
+        assert not any("status" in w for w in out.warnings)
+    else:
+        assert 5 <= len(status_calls) <= 11  # every 0.05 s for 0.5 s, then no more
+        assert any("tinyserve status reports a problem" in w for w in out.warnings)
+    assert out.integrity == "ok" and ctl_calls() == [["stop"], ["start"]]
 
 
 async def test_partial_restore_keeps_previous_state_aside(root: RootInfo, s3_storage: S3Storage) -> None:
@@ -577,9 +603,10 @@ async def test_a_cancel_while_tinyserved_starts_after_a_point_in_time_swap_lets_
     staged.write_text("new")
     reached, release = tmp_path / "reached", tmp_path / "release"
     os.mkfifo(release)
-    # The start command signals it is under way, then waits for the test (a bounded read).
-    start = ["sh", "-c", 'touch "$1"; read -t 20 _ < "$2"; exec tinyserved-ctl start', "sh"]
-    ctl = Tinyserved(["tinyserved-ctl", "stop"], [*start, str(reached), str(release)], [])
+    # The start command signals it is under way, then waits for the test's line on the FIFO
+    # (bounded by the command timeout).
+    start = ["sh", "-c", 'touch "$1"; read _ < "$2"; exec tinyserved-ctl start', "sh"]
+    ctl = Tinyserved(["tinyserved-ctl", "stop"], [*start, str(reached), str(release)], [], timeout=20)
     task = asyncio.create_task(restore_mod.swap_database(cfg_for(root), staged, ctl))
 
     def started() -> bool:
