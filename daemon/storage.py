@@ -14,10 +14,12 @@ import asyncio
 import builtins
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import random
 import secrets
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -199,6 +201,22 @@ def _from_start(part: io.BytesIO) -> io.BytesIO:
 # --------------------------------------------------------------------------------------------
 
 _UPLOAD_TMP = ".upload-"
+# Held (lockf) around conditional writes; never listed, never pruned.
+_LOCK_NAME = ".tinyserve-backup.lock"
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+def _thread_lock_for(root: Path) -> threading.Lock:
+    with _thread_locks_guard:
+        return _thread_locks.setdefault(os.path.realpath(root), threading.Lock())
+
+
+def _local_error(exc: OSError, where: str) -> StorageError:
+    """An OSError of the local backend as the storage error callers handle."""
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return ObjectNotFoundError(f"object not found ({where})")
+    return StorageError(f"local destination failed: {exc.strerror or exc} ({where})")
 
 
 class LocalStorage(Storage):
@@ -206,6 +224,7 @@ class LocalStorage(Storage):
         self.root = Path(root)
         self.url = f"file://{self.root}"
         self.part_size = part_size
+        self._warned_no_lock = False
 
     def _path(self, key: str) -> Path:
         parts = [p for p in key.split("/") if p]
@@ -239,36 +258,53 @@ class LocalStorage(Storage):
             with self._conditional():
                 self._check_version(path, key, if_match)
                 self._publish(tmp, path, False)
+        except OSError as exc:
+            raise _local_error(exc, f"put {key}") from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
     @contextlib.contextmanager
     def _conditional(self) -> Iterator[None]:
-        """Serialise check-then-act requests across processes: an exclusive lock on the root."""
+        """Serialise check-then-act requests: a POSIX record lock on a lock file in the root.
+
+        Record locks (``lockf``), unlike ``flock``, reach the server of an NFS or SMB mount, so two
+        machines sharing a NAS exclude each other. They belong to the process, so threads of one
+        process also take a lock of their own first.
+        """
         import fcntl
 
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+        with _thread_lock_for(self.root):
+            fd = os.open(self.root / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                # Some network filesystems (SMB, some NFS mounts) have no flock: the check then
-                # narrows the race to its own few microseconds instead of closing it.
-                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
-                    raise
-            yield
-        finally:
-            os.close(fd)  # (releases the lock)
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                        raise
+                    # No locks on this filesystem: the version check alone narrows the race to
+                    # microseconds instead of closing it. Said once.
+                    if not self._warned_no_lock:
+                        self._warned_no_lock = True
+                        log.warning(
+                            "storage_lock_unsupported",
+                            url=self.url,
+                            error=exc.strerror,
+                            note="conditional writes here are checked without a lock",
+                        )
+                yield
+            finally:
+                os.close(fd)  # (releases the lock)
 
     @staticmethod
-    def _version(st: os.stat_result) -> str:
-        # Every write publishes a new file (rename of a fresh temporary), so its inode changes.
-        return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+    def _version(data: bytes) -> str:
+        # Of the content, like S3's ETag: a file replaced by another with the same inode, size
+        # and mtime cannot pass for the one that was read.
+        return hashlib.sha256(data).hexdigest()
 
     def _check_version(self, path: Path, key: str, version: str) -> None:
         try:
-            current = self._version(path.stat())
+            current = self._version(path.read_bytes())
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFoundError(f"object {key} not found at {self.url}") from None
         if current != version:
@@ -305,13 +341,15 @@ class LocalStorage(Storage):
         path = self._path(key)
 
         def _get() -> tuple[bytes, str]:
-            with open(path, "rb") as f:
-                return f.read(), self._version(os.fstat(f.fileno()))
+            data = path.read_bytes()
+            return data, self._version(data)
 
         try:
             return await asyncio.to_thread(_get)
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFoundError(f"object {key} not found at {self.url}") from None
+        except OSError as exc:
+            raise _local_error(exc, f"get {key}") from None
 
     async def delete_if_match(self, key: str, version: str) -> None:
         path = self._path(key)
@@ -321,7 +359,10 @@ class LocalStorage(Storage):
                 self._check_version(path, key, version)
                 path.unlink()
 
-        await asyncio.to_thread(_delete)
+        try:
+            await asyncio.to_thread(_delete)
+        except OSError as exc:
+            raise _local_error(exc, f"delete {key}") from None
 
     def _info(self, path: Path) -> ObjectInfo:
         st = path.stat()
@@ -382,7 +423,7 @@ class LocalStorage(Storage):
             return out
         for dirpath, _dirs, files in os.walk(start):
             for name in files:
-                if name.startswith(_UPLOAD_TMP):
+                if name.startswith(_UPLOAD_TMP) or name == _LOCK_NAME:
                     continue
                 p = Path(dirpath, name)
                 rel = p.relative_to(base).as_posix()
@@ -478,7 +519,6 @@ _TRANSIENT_CODES = {
     "Throttling",
     "ThrottlingException",
     "OperationAborted",
-    "ConditionalRequestConflict",
     "500",
     "502",
     "503",

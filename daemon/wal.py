@@ -51,8 +51,10 @@ Lease: ``wal/lease.json`` is created with a conditional put (If-None-Match).  It
 (host, pid, random nonce) and an expiry; it is renewed along with uploads (read back first to check
 it is still ours), so an idle shipper makes no requests and its lease may lapse.  Another shipper
 takes over only an expired lease, or one held by a dead process on the same host.  Renewals and
-takeovers are conditional on the version read (If-Match), so two shippers cannot both win a race:
-the one whose lease changed under it stops (is fenced) instead of overwriting the other's.
+takeovers replace the lease conditionally on the version read (If-Match), so two shippers cannot
+both win a race: the one whose lease changed under it stops (is fenced) instead of overwriting the
+other's.  A provider without If-Match gets plain writes (logged once); the loser of a race then
+finds out at its next renewal.
 
 Spool: every object is written and fsync'd under ``spool_dir`` before it is uploaded and deleted
 after; uploads happen strictly in order.  Past ``spool_max_bytes`` the spool is dropped and a new
@@ -1587,7 +1589,7 @@ class WalShipper:
         except LeaseHeldError as e:
             self._fence(e)
             return False
-        except StorageError as e:
+        except (StorageError, OSError) as e:  # (OSError: a local destination's disk)
             self._record_error(e, "wal_storage_still_down")
             return False
         reason = self._need_generation or "recovery"
@@ -1699,22 +1701,24 @@ class WalShipper:
             if got is None:
                 continue  # released in between: try the conditional create again
             cur, version = got
+            mine = cur.get("holder") == self.holder_id
+            if not mine and not self._takeover_allowed(cur):
+                raise self._held_error(cur, "refusing to ship")
             try:
-                if cur.get("holder") == self.holder_id:
-                    await self.storage.put_bytes(LEASE_KEY, self._lease_body(), if_match=version)
-                    self._lease_granted()
-                    return
-                if not self._takeover_allowed(cur):
-                    raise self._held_error(cur, "refusing to ship")
+                # Replaces only the lease just judged, in one step (never leaving none): a
+                # renewal or another takeover meanwhile wins, and we look again.
+                await self.storage.put_bytes(LEASE_KEY, self._lease_body(), if_match=version)
+            except (PreconditionFailedError, ObjectNotFoundError):
+                continue
+            self._lease_granted()
+            if not mine:
                 log.warning(
                     "wal_lease_takeover",
                     previous_holder=cur.get("holder"),
                     previous_expiry=cur.get("expires_at"),
+                    holder=self.holder_id,
                 )
-                # Only the lease just judged: one renewed or taken meanwhile stays.
-                await self.storage.delete_if_match(LEASE_KEY, version)
-            except (PreconditionFailedError, ObjectNotFoundError):
-                continue  # it changed since we read it: look again
+            return
         raise LeaseHeldError(
             f"could not take the WAL lease on {self.storage.url}: other shippers keep racing for it"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from daemon.errors import (
 )
 from daemon.storage import LocalStorage, S3Storage, Storage
 from tests.conftest import s3_settings
-from tests.helpers.s3server import FaultProxy, MotoServer
+from tests.helpers.s3server import REPO, FaultProxy, MotoServer
 
 MiB = 1024 * 1024
 
@@ -106,6 +107,63 @@ async def test_replace_and_delete_only_what_was_read(storage: Storage) -> None:
         await storage.delete_if_match(key, current)
     with pytest.raises(ObjectNotFoundError):
         await storage.get_versioned(key)
+
+
+_RACER = """
+import asyncio, sys, time
+from pathlib import Path
+from daemon.storage import LocalStorage
+from daemon.errors import PreconditionFailedError
+
+real = LocalStorage._check_version
+def slow_check(self, path, key, version):
+    real(self, path, key, version)
+    time.sleep(0.3)  # widen the gap between the check and the write: the lock must cover it
+LocalStorage._check_version = slow_check
+
+async def main():
+    root, version, go, me = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    deadline = time.monotonic() + 20
+    while not go.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    try:
+        await LocalStorage(root).put_bytes("wal/lease.json", me.encode(), if_match=version)
+        print("won")
+    except PreconditionFailedError:
+        print("lost")
+asyncio.run(main())
+"""
+
+
+async def test_local_conditional_writes_exclude_each_other_across_processes(tmp_path: Path) -> None:
+    """Several processes replace the same version at once: exactly one wins."""
+    root = tmp_path / "dest"
+    root.mkdir()
+    st = LocalStorage(root)
+    await st.put_bytes("wal/lease.json", b"original")
+    _, version = await st.get_versioned("wal/lease.json")
+    go = tmp_path / "go"
+    procs = []
+    for i in range(4):
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                _RACER,
+                str(root),
+                version,
+                str(go),
+                f"racer-{i}",
+                cwd=REPO,
+                stdout=asyncio.subprocess.PIPE,
+            )
+        )
+    go.touch()
+    outs = [(await asyncio.wait_for(p.communicate(), 30))[0].decode().strip() for p in procs]
+    assert sorted(outs) == ["lost", "lost", "lost", "won"]
+    winner = f"racer-{outs.index('won')}".encode()
+    assert await st.get_bytes("wal/lease.json") == winner
+    assert [o.key for o in await st.list("")] == ["wal/lease.json"]  # the lock file is not listed
 
 
 async def test_a_provider_without_if_match_gets_plain_writes(
