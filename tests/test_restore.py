@@ -62,6 +62,20 @@ def ctl_calls() -> list[list[str]]:
     return [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserved-ctl")]
 
 
+async def appears(path: Path, within: float) -> bool:
+    """Whether ``path`` exists within ``within`` seconds (a stand-in's signal that it got so far)."""
+
+    def wait() -> bool:
+        deadline = time.monotonic() + within
+        while not path.exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    return await asyncio.to_thread(wait)
+
+
 def snapshot(root: Path) -> tuple[dict[str, object], list[str]]:
     return tree_digest(root, exclude=[*DB, "logs", "*.pre-restore", "*.pre-restore/*"]), db_dump(
         root / "state.db"
@@ -544,15 +558,7 @@ async def test_cancel_once_docker_has_the_whole_archive_lets_the_restore_finish(
     monkeypatch.setenv("FAKE_DOCKER_LOAD_GATE", str(gate))
     task = asyncio.create_task(RestoreJob(cfg, s3_storage).run(res.timestamp))
 
-    def reached() -> bool:  # docker has read the whole archive, tail included
-        deadline = time.monotonic() + 30
-        while not Path(f"{gate}.reached").exists():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
-
-    assert await asyncio.to_thread(reached)
+    assert await appears(Path(f"{gate}.reached"), 30)  # docker has the whole archive, tail included
     task.cancel()
     gate.touch()
     with pytest.raises(asyncio.CancelledError):
@@ -609,15 +615,7 @@ async def test_a_cancel_while_tinyserved_starts_after_a_point_in_time_swap_lets_
     ctl = Tinyserved(["tinyserved-ctl", "stop"], [*start, str(reached), str(release)], [], timeout=20)
     task = asyncio.create_task(restore_mod.swap_database(cfg_for(root), staged, ctl))
 
-    def started() -> bool:
-        deadline = time.monotonic() + 20
-        while not reached.exists():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
-
-    assert await asyncio.to_thread(started)
+    assert await appears(reached, 20)
     task.cancel()
     await asyncio.sleep(0)  # the cancel lands while the start command runs
     assert not task.done()

@@ -419,17 +419,7 @@ async def test_lease_taken_by_another_fences_the_shipper(
     shipper = WalShipper(db, local_storage, tmp_path / "spool", fast_options(lease_ttl=0.3))
     await shipper.start()
     try:
-        await local_storage.put_bytes(
-            LEASE_KEY,
-            json.dumps(
-                {
-                    "holder": "intruder:2:y",
-                    "host": "intruder",
-                    "pid": 2,
-                    "expires_at": format_ts(datetime.now(UTC) + timedelta(hours=1)),
-                }
-            ).encode(),
-        )
+        await local_storage.put_bytes(LEASE_KEY, lease_of("intruder"))
         await asyncio.sleep(0.15)  # past the renewal point (ttl/3)
         await asyncio.to_thread(commit_rows, db, 0, 3)
         await wait_for(lambda: shipper.status()["state"] == "fenced", 5, "the shipper to stop")
@@ -438,6 +428,18 @@ async def test_lease_taken_by_another_fences_the_shipper(
         await shipper.stop(timeout=1)
     # It did not delete the other holder's lease on its way out.
     assert json.loads(await local_storage.get_bytes(LEASE_KEY))["holder"] == "intruder:2:y"
+
+
+def lease_of(holder: str, *, valid_for: timedelta = timedelta(hours=1)) -> bytes:
+    """A lease as another shipper (on host ``holder``) would write it."""
+    return json.dumps(
+        {
+            "holder": f"{holder}:2:y",
+            "host": holder,
+            "pid": 2,
+            "expires_at": format_ts(datetime.now(UTC) + valid_for),
+        }
+    ).encode()
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -455,14 +457,7 @@ async def test_a_takeover_between_a_renewals_read_and_write_wins(
     """
     storage = any_storage
     shipper = WalShipper(db, storage, tmp_path / "spool", fast_options(lease_ttl=0.3))
-    intruder = json.dumps(
-        {
-            "holder": "intruder:2:y",
-            "host": "intruder",
-            "pid": 2,
-            "expires_at": format_ts(datetime.now(UTC) + timedelta(hours=1)),
-        }
-    ).encode()
+    intruder = lease_of("intruder")
     real_read = shipper._read_lease
     raced = asyncio.Event()
 
@@ -492,25 +487,15 @@ async def test_two_takeovers_of_one_expired_lease_leave_one_holder(
 ) -> None:
     """Two shippers find the same lapsed lease; the slower one must not delete the winner's."""
     storage = any_storage
-    lapsed = {"holder": "gone:1:x", "host": "gone", "pid": 1}
-    await storage.put_bytes(
-        LEASE_KEY, json.dumps({**lapsed, "expires_at": format_ts(datetime.now(UTC))}).encode()
-    )
-    winner = json.dumps(
-        {
-            "holder": "winner:3:z",
-            "host": "winner",
-            "pid": 3,
-            "expires_at": format_ts(datetime.now(UTC) + timedelta(hours=1)),
-        }
-    ).encode()
+    await storage.put_bytes(LEASE_KEY, lease_of("gone", valid_for=timedelta(0)))
+    winner = lease_of("winner")
     slower = WalShipper(db, storage, tmp_path / "spool", fast_options())
     real_read = slower._read_lease
     raced = asyncio.Event()
 
     async def read_then_lose_the_race() -> Any:
         got = await real_read()
-        if got is not None and got[0].get("holder") == lapsed["holder"] and not raced.is_set():
+        if got is not None and got[0].get("holder") == "gone:2:y" and not raced.is_set():
             raced.set()
             # the other shipper deletes the lapsed lease and creates its own, after our read
             await storage.delete_many([LEASE_KEY])
