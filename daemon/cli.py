@@ -482,6 +482,7 @@ def restore_cmd(
         return await asyncio.to_thread(click.confirm, "Continue?", default=False, err=True)
 
     progress = make_progress(as_json)
+    jobs: list[RestoreJob] = []
 
     async def go() -> Any:
         async with (
@@ -491,13 +492,27 @@ def restore_cmd(
             job = RestoreJob(
                 cfg, st, decryptor=decryptor_from_config(cfg), progress=progress, confirm=confirm
             )
+            jobs.append(job)
             return await job.run(timestamp, btype, list(services) or None)
 
     try:
         result = run_async(go)
+    except KeyboardInterrupt:
+        done = jobs[0].completed if jobs else None
+        if done is None:
+            raise
+        result = None
     finally:
         if hasattr(progress, "close"):
             progress.close()
+    if result is None:
+        _print_restore(done, as_json)
+        click.echo("interrupted after the point of no return: the restore finished (above)", err=True)
+        sys.exit(130)
+    _print_restore(result, as_json)
+
+
+def _print_restore(result: Any, as_json: bool) -> None:
     if as_json:
         echo_json(result.to_json())
         return

@@ -218,6 +218,8 @@ class RestoreJob:
         self.warnings: list[str] = []
         self._load: asyncio.Task[list[str]] | None = None
         self._load_commit = asyncio.Event()
+        # Set when a cancellation came past the point of no return and the restore finished anyway.
+        self.completed: RestoreResult | None = None
 
     # ---- step 0: plan ---------------------------------------------------------------------
 
@@ -487,6 +489,9 @@ class RestoreJob:
         cancelled = await start_on_new_state(swap, self.tinyserved)
         if interrupted or cancelled:
             log.warning("restore_finished_despite_cancel", backup=f"{plan.ref.type}/{plan.ref.timestamp}")
+            # What was done, for the caller to report: the user must not read "interrupted" as
+            # "nothing happened" when the restore went through to the end.
+            self.completed = self._result(plan, loaded, integrity, "not checked (interrupted)", aside)
             raise asyncio.CancelledError
         ok, status = await self.tinyserved.wait_ready()
         if not ok:
@@ -497,6 +502,11 @@ class RestoreJob:
             restored=plan.items,
             images=len(loaded),
         )
+        return self._result(plan, loaded, integrity, status, aside)
+
+    def _result(
+        self, plan: RestorePlan, loaded: list[str], integrity: str, status: str, aside: list[str]
+    ) -> RestoreResult:
         return RestoreResult(
             type=plan.ref.type,
             timestamp=plan.ref.timestamp,

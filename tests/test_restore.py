@@ -556,7 +556,8 @@ async def test_cancel_once_docker_has_the_whole_archive_lets_the_restore_finish(
     shutil.rmtree(os.environ["FAKE_DOCKER_STATE"])
     gate = tmp_path / "docker-may-register"
     monkeypatch.setenv("FAKE_DOCKER_LOAD_GATE", str(gate))
-    task = asyncio.create_task(RestoreJob(cfg, s3_storage).run(res.timestamp))
+    job = RestoreJob(cfg, s3_storage)
+    task = asyncio.create_task(job.run(res.timestamp))
 
     assert await appears(Path(f"{gate}.reached"), 30)  # docker has the whole archive, tail included
     task.cancel()
@@ -564,6 +565,9 @@ async def test_cancel_once_docker_has_the_whole_archive_lets_the_restore_finish(
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 30)
     assert snapshot(root.path) == (want_tree, want_db)  # restored, not rolled back
+    # what it did, for the CLI to tell the user
+    assert job.completed is not None and "state.db" in job.completed.restored
+    assert sorted(job.completed.images_loaded) == sorted(root.images)
     assert None not in (await inspect_images(root.images)).values()
     assert ctl_calls() == [["stop"], ["start"]]
 
@@ -711,12 +715,16 @@ def test_sigterm_after_docker_has_the_archive_finishes_the_restore_then_exits(
         proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)  # a second one changes nothing
         gate.touch()
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "aborted"  # one line, as for any interrupted command
+    # Not "aborted": the user is told the restore went through, and what it did.
+    assert err.strip().splitlines()[-1] == (
+        "interrupted after the point of no return: the restore finished (above)"
+    )
+    assert out.startswith("Restored state.db, backups, cloudflared") and f"backup {ts}" in out
     assert "Traceback" not in err
     assert snapshot(target) == want  # restored to the end, not half-undone
     assert [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserved-ctl")][-2:] == [
