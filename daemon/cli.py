@@ -531,10 +531,11 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
     from .crypto import decryptor_from_config
     from .lock import root_lock
     from .pitr import parse_rfc3339, restore_point_in_time
-    from .restore import swap_database
+    from .restore import FinishedDespiteCancel, swap_database
     from .storage import storage_from_config
 
     target = parse_rfc3339(at) if at else None
+    finished: list[dict[str, Any]] = []  # an in-place restore that a late Ctrl-C let finish
     out_path = Path(output).expanduser() if output else None
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
     if output is None and not yes and not interactive:
@@ -564,7 +565,17 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
                             from .errors import RestoreError
 
                             raise RestoreError("restore cancelled; nothing was changed", "")
-                    aside = await swap_database(cfg, staged)
+                    try:
+                        aside = await swap_database(cfg, staged)
+                    except FinishedDespiteCancel as fin:
+                        finished.append(
+                            {
+                                **res.as_dict(),
+                                "output": str(cfg.root / "state.db"),
+                                "kept_aside": fin.kept_aside,
+                            }
+                        )
+                        raise
                 finally:
                     await asyncio.to_thread(staged.unlink, True)
                 d = res.as_dict()
@@ -572,7 +583,18 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
                 d["kept_aside"] = aside
                 return d
 
-    result = run_async(go)
+    try:
+        result = run_async(go)
+    except KeyboardInterrupt:
+        if not finished:
+            raise
+        _print_pitr(finished[0], as_json)
+        click.echo("interrupted after the point of no return: the restore finished (above)", err=True)
+        sys.exit(130)
+    _print_pitr(result, as_json)
+
+
+def _print_pitr(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         echo_json(result)
         return

@@ -520,6 +520,14 @@ class RestoreJob:
         )
 
 
+class FinishedDespiteCancel(asyncio.CancelledError):
+    """A cancellation that came once the new state was in place: the restore finished first."""
+
+    def __init__(self, kept_aside: list[str]) -> None:
+        super().__init__()
+        self.kept_aside = kept_aside
+
+
 async def swap_database(cfg: Config, staged_db: Path, tinyserved: Tinyserved | None = None) -> list[str]:
     """Replace the live state.db with an already verified file (used by point-in-time restore)."""
     ts = tinyserved or Tinyserved.from_config(cfg)
@@ -527,5 +535,5 @@ async def swap_database(cfg: Config, staged_db: Path, tinyserved: Tinyserved | N
     aside = await swap_in(swap, [StagedItem("state.db", staged_db)], ts)
     if await start_on_new_state(swap, ts):
         log.warning("restore_finished_despite_cancel", backup="point-in-time")
-        raise asyncio.CancelledError
+        raise FinishedDespiteCancel(aside)
     return aside

@@ -39,7 +39,7 @@ from daemon.storage import S3Storage
 from daemon.verify import verify_backup
 from tests.conftest import run_cli
 from tests.helpers.rootfactory import RootInfo, db_dump, make_root, read_calls, tree_digest
-from tests.helpers.s3server import MotoServer
+from tests.helpers.s3server import REPO, MotoServer
 
 DB = ["state.db", "state.db-wal", "state.db-shm"]
 
@@ -625,8 +625,9 @@ async def test_a_cancel_while_tinyserved_starts_after_a_point_in_time_swap_lets_
     assert not task.done()
     with release.open("w") as w:
         w.write("go\n")
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(restore_mod.FinishedDespiteCancel) as finished:
         await asyncio.wait_for(task, 20)
+    assert finished.value.kept_aside == ["state.db.pre-restore"]  # for the CLI to report
     assert ctl_calls() == [["stop"], ["start"]]
     assert {p.name: p.read_text() for p in root.iterdir()} == {
         "state.db": "new",
@@ -731,3 +732,81 @@ def test_sigterm_after_docker_has_the_archive_finishes_the_restore_then_exits(
         ["stop"],
         ["start"],
     ]
+
+
+def _add_rows(db: Path, start: int, n: int) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    try:
+        for i in range(start, start + n):
+            conn.execute("INSERT INTO kv (k, v, n) VALUES (?, randomblob(100), ?)", (f"r{i}", i))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+async def test_point_in_time_restore_in_place_via_cli(
+    interrupted: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`restore --latest --yes`: state.db replaced by the shipped one, the old kept, tinyserved
+    stopped and started; a SIGTERM while it starts lets it finish and says so."""
+    from daemon.storage import LocalStorage
+    from daemon.wal import WalShipper
+    from tests.helpers.writer import fast_options, init_db, logical_dump
+
+    monkeypatch.setenv("FAKE_TINYSERVED_STATE", str(tmp_path / "tinyserved.state"))
+    root, dest = tmp_path / "root", tmp_path / "dest"
+    root.mkdir()
+    dest.mkdir()
+    db = root / "state.db"
+    init_db(db)
+    shipper = WalShipper(db, LocalStorage(dest), tmp_path / "spool", fast_options())
+    await shipper.start()
+    await asyncio.to_thread(_add_rows, db, 0, 20)
+    assert await shipper.flush(10)
+    await shipper.stop()
+    shipped = logical_dump(db)
+    await asyncio.to_thread(_add_rows, db, 20, 5)  # the live database moves on, unshipped
+    live = logical_dump(db)
+    reached, release = tmp_path / "reached", tmp_path / "release"
+    os.mkfifo(release)
+    start = (
+        f'[sh, -c, \'touch "$1"; read _ < "$2"; exec tinyserved-ctl start\', sh, {reached}, {release}]'
+        if interrupted
+        else "[tinyserved-ctl, start]"
+    )
+    cfgp = tmp_path / "cfg.yaml"
+    log_file = tmp_path / "restore.log"
+    cfgp.write_text(
+        f"root: {root}\ndestination:\n  url: file://{dest}\nlogging:\n  file: {log_file}\n"
+        f"tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: {start}\n  timeout_seconds: 20\n"
+    )
+    argv = [sys.executable, "-m", "daemon", "--config", str(cfgp), "restore", "--latest", "--yes"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    if interrupted:
+        assert await appears(reached, 30)
+        # SIGTERM until the restore logs a second one: then the first has cancelled it for sure,
+        # while tinyserved's start is still waiting on the test.
+        deadline = time.monotonic() + 30
+        while b"signal_while_stopping" not in (log_file.read_bytes() if log_file.exists() else b""):
+            assert time.monotonic() < deadline, "the restore never saw the signal"
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.05)
+        with release.open("w") as w:
+            w.write("go\n")
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    if interrupted:
+        assert proc.returncode == 130, err
+        assert err.decode().strip().splitlines()[-1] == (
+            "interrupted after the point of no return: the restore finished (above)"
+        )
+    else:
+        assert proc.returncode == 0, err
+    assert out.decode().startswith("state.db restored to ")
+    assert logical_dump(db) == shipped
+    assert logical_dump(root / "state.db.pre-restore") == live
+    assert ctl_calls() == [["stop"], ["start"]]
+    assert sorted(p.name for p in root.iterdir()) == ["state.db", "state.db.pre-restore"]
