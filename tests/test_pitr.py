@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -25,7 +24,7 @@ from daemon.pitr import parse_rfc3339, pitr_window, restore_point_in_time
 from daemon.storage import LocalStorage, S3Storage
 from daemon.wal import SegmentInfo, WalShipper, load_catalog, parse_ts, split_object
 from tests.helpers.s3server import REPO
-from tests.helpers.writer import fast_options, logical_dump, read_log, replay
+from tests.helpers.writer import commit_rows, fast_options, logical_dump, read_log, replay
 
 
 def run_writer(db: Path, log: Path, *args: str) -> None:
@@ -35,15 +34,6 @@ def run_writer(db: Path, log: Path, *args: str) -> None:
         check=True,
         timeout=120,
     )
-
-
-def commit_rows(db: Path, start: int, n: int) -> None:
-    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
-    try:
-        for i in range(start, start + n):
-            conn.execute("INSERT INTO kv (k, v, n) VALUES (?, randomblob(300), ?)", (f"r{i}", i))
-    finally:
-        conn.close()
 
 
 def utc(ts: float) -> datetime:

@@ -734,17 +734,6 @@ def test_sigterm_after_docker_has_the_archive_finishes_the_restore_then_exits(
     ]
 
 
-def _add_rows(db: Path, start: int, n: int) -> None:
-    import sqlite3
-
-    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
-    try:
-        for i in range(start, start + n):
-            conn.execute("INSERT INTO kv (k, v, n) VALUES (?, randomblob(100), ?)", (f"r{i}", i))
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("interrupted", [False, True])
 async def test_point_in_time_restore_in_place_via_cli(
     interrupted: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -753,7 +742,7 @@ async def test_point_in_time_restore_in_place_via_cli(
     stopped and started; a SIGTERM while it starts lets it finish and says so."""
     from daemon.storage import LocalStorage
     from daemon.wal import WalShipper
-    from tests.helpers.writer import fast_options, init_db, logical_dump
+    from tests.helpers.writer import commit_rows, fast_options, init_db, logical_dump
 
     monkeypatch.setenv("FAKE_TINYSERVED_STATE", str(tmp_path / "tinyserved.state"))
     root, dest = tmp_path / "root", tmp_path / "dest"
@@ -763,11 +752,11 @@ async def test_point_in_time_restore_in_place_via_cli(
     init_db(db)
     shipper = WalShipper(db, LocalStorage(dest), tmp_path / "spool", fast_options())
     await shipper.start()
-    await asyncio.to_thread(_add_rows, db, 0, 20)
+    await asyncio.to_thread(commit_rows, db, 0, 20, 100)
     assert await shipper.flush(10)
     await shipper.stop()
     shipped = logical_dump(db)
-    await asyncio.to_thread(_add_rows, db, 20, 5)  # the live database moves on, unshipped
+    await asyncio.to_thread(commit_rows, db, 20, 5, 100)  # the live database moves on, unshipped
     live = logical_dump(db)
     reached, release = tmp_path / "reached", tmp_path / "release"
     os.mkfifo(release)

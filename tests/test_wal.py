@@ -38,21 +38,13 @@ from tests.conftest import s3_settings
 from tests.helpers.s3server import REPO, FaultProxy, MotoServer
 from tests.helpers.writer import (
     RecordingStorage,
+    commit_rows,
     fast_options,
     init_db,
     logical_dump,
     read_log,
     replay,
 )
-
-
-def commit_rows(db: Path, start: int, n: int, size: int = 500) -> None:
-    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
-    try:
-        for i in range(start, start + n):
-            conn.execute("INSERT INTO kv (k, v, n) VALUES (?, randomblob(?), ?)", (f"r{i}", size, i))
-    finally:
-        conn.close()
 
 
 async def wait_for(cond: Callable[[], bool], within: float, what: str) -> None:

@@ -49,6 +49,16 @@ def init_db(path: Path | str, *, wal: bool = True) -> None:
         conn.close()
 
 
+def commit_rows(db: Path | str, start: int, n: int, size: int = 500) -> None:
+    """Commit rows r<start>…r<start+n-1> into ``kv``, one transaction each."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    try:
+        for i in range(start, start + n):
+            conn.execute("INSERT INTO kv (k, v, n) VALUES (?, randomblob(?), ?)", (f"r{i}", size, i))
+    finally:
+        conn.close()
+
+
 def _enc(p: Any) -> Any:
     return {"hex": p.hex()} if isinstance(p, bytes) else p
 
