@@ -166,6 +166,28 @@ async def test_local_conditional_writes_exclude_each_other_across_processes(tmp_
     assert [o.key for o in await st.list("")] == ["wal/lease.json"]  # the lock file is not listed
 
 
+async def test_local_destination_without_locks_still_checks_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem without record locks (ENOLCK): conditional writes still check, and say so once."""
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, cmd: int, *args: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    st = LocalStorage(tmp_path)
+    await st.put_bytes("wal/lease.json", b"mine")
+    _, version = await st.get_versioned("wal/lease.json")
+    with capture_logs() as logs:
+        await st.put_bytes("wal/lease.json", b"renewed", if_match=version)
+        with pytest.raises(PreconditionFailedError):
+            await st.put_bytes("wal/lease.json", b"stale", if_match=version)
+    assert await st.get_bytes("wal/lease.json") == b"renewed"
+    assert [e["event"] for e in logs] == ["storage_lock_unsupported"]
+
+
 async def test_a_provider_without_if_match_gets_plain_writes(
     fault_proxy: FaultProxy, proxied_storage: S3Storage
 ) -> None:
