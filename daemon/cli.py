@@ -495,35 +495,39 @@ def restore_cmd(
             jobs.append(job)
             return await job.run(timestamp, btype, list(services) or None)
 
+    done = None  # the restore, when a Ctrl-C came after its point of no return
     try:
         result = run_async(go)
     except KeyboardInterrupt:
         done = jobs[0].completed if jobs else None
         if done is None:
             raise
-        result = None
     finally:
         if hasattr(progress, "close"):
             progress.close()
-    if result is None:
-        _print_restore(done, as_json)
-        click.echo("interrupted after the point of no return: the restore finished (above)", err=True)
+    if done is not None:
+        _print_restore(done, as_json, interrupted=True)
         sys.exit(130)
     _print_restore(result, as_json)
 
 
-def _print_restore(result: Any, as_json: bool) -> None:
+FINISHED_DESPITE_INTERRUPT = "interrupted after the point of no return: the restore finished (above)"
+
+
+def _print_restore(result: Any, as_json: bool, interrupted: bool = False) -> None:
     if as_json:
-        echo_json(result.to_json())
-        return
-    for w in result.warnings:
-        click.echo(f"warning: {w}", err=True)
-    click.echo(f"Restored {', '.join(result.restored)} from {result.type} backup {result.timestamp}.")
-    if result.images_loaded:
-        click.echo(f"Loaded images: {', '.join(result.images_loaded)}")
-    if result.kept_aside:
-        click.echo(f"Previous state kept as: {', '.join(result.kept_aside)}")
-    click.echo(f"Database integrity: {result.integrity}")
+        echo_json({**result.to_json(), "interrupted": interrupted})
+    else:
+        for w in result.warnings:
+            click.echo(f"warning: {w}", err=True)
+        click.echo(f"Restored {', '.join(result.restored)} from {result.type} backup {result.timestamp}.")
+        if result.images_loaded:
+            click.echo(f"Loaded images: {', '.join(result.images_loaded)}")
+        if result.kept_aside:
+            click.echo(f"Previous state kept as: {', '.join(result.kept_aside)}")
+        click.echo(f"Database integrity: {result.integrity}")
+    if interrupted:
+        click.echo(FINISHED_DESPITE_INTERRUPT, err=True)
 
 
 def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool, as_json: bool) -> None:
@@ -531,11 +535,11 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
     from .crypto import decryptor_from_config
     from .lock import root_lock
     from .pitr import parse_rfc3339, restore_point_in_time
-    from .restore import FinishedDespiteCancel, swap_database
+    from .restore import swap_database
     from .storage import storage_from_config
 
     target = parse_rfc3339(at) if at else None
-    finished: list[dict[str, Any]] = []  # an in-place restore that a late Ctrl-C let finish
+    finished: list[dict[str, Any]] = []  # the in-place restore, once its new state.db is in
     out_path = Path(output).expanduser() if output else None
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
     if output is None and not yes and not interactive:
@@ -565,43 +569,37 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
                             from .errors import RestoreError
 
                             raise RestoreError("restore cancelled; nothing was changed", "")
-                    try:
-                        aside = await swap_database(cfg, staged)
-                    except FinishedDespiteCancel as fin:
-                        finished.append(
-                            {
-                                **res.as_dict(),
-                                "output": str(cfg.root / "state.db"),
-                                "kept_aside": fin.kept_aside,
-                            }
-                        )
-                        raise
+
+                    def swapped(aside: list[str]) -> None:
+                        out = str(cfg.root / "state.db")
+                        finished.append({**res.as_dict(), "output": out, "kept_aside": aside})
+
+                    await swap_database(cfg, staged, swapped=swapped)
                 finally:
                     await asyncio.to_thread(staged.unlink, True)
-                d = res.as_dict()
-                d["output"] = str(cfg.root / "state.db")
-                d["kept_aside"] = aside
-                return d
+                return finished[0]
 
     try:
         result = run_async(go)
     except KeyboardInterrupt:
         if not finished:
             raise
-        _print_pitr(finished[0], as_json)
-        click.echo("interrupted after the point of no return: the restore finished (above)", err=True)
+        _print_pitr(finished[0], as_json, interrupted=True)
         sys.exit(130)
     _print_pitr(result, as_json)
 
 
-def _print_pitr(result: dict[str, Any], as_json: bool) -> None:
+def _print_pitr(result: dict[str, Any], as_json: bool, interrupted: bool = False) -> None:
     if as_json:
-        echo_json(result)
-        return
-    click.echo(
-        f"state.db restored to {result['restored_to']} (generation {result['generation']}, "
-        f"{result['commits_applied']} commits replayed) -> {result['output']}"
-    )
+        # (in place, the result says whether a Ctrl-C came; to a file there is nothing to say)
+        echo_json({**result, "interrupted": interrupted} if "kept_aside" in result else result)
+    else:
+        click.echo(
+            f"state.db restored to {result['restored_to']} (generation {result['generation']}, "
+            f"{result['commits_applied']} commits replayed) -> {result['output']}"
+        )
+    if interrupted:
+        click.echo(FINISHED_DESPITE_INTERRUPT, err=True)
 
 
 @cli.command("verify")

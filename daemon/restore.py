@@ -218,7 +218,8 @@ class RestoreJob:
         self.warnings: list[str] = []
         self._load: asyncio.Task[list[str]] | None = None
         self._load_commit = asyncio.Event()
-        # Set when a cancellation came past the point of no return and the restore finished anyway.
+        # Set once the new state is in place and tinyserved started: a cancellation after that
+        # point (or during it) ends the command, not the restore.
         self.completed: RestoreResult | None = None
 
     # ---- step 0: plan ---------------------------------------------------------------------
@@ -487,11 +488,11 @@ class RestoreJob:
                 raise disk_error(exc, self.root) from None
             raise
         cancelled = await start_on_new_state(swap, self.tinyserved)
+        # From here the restore stands, whatever interrupts: what was done is kept for the caller
+        # to report, so "interrupted" is never read as "nothing happened".
+        self.completed = self._result(plan, loaded, integrity, "not checked (interrupted)", aside)
         if interrupted or cancelled:
             log.warning("restore_finished_despite_cancel", backup=f"{plan.ref.type}/{plan.ref.timestamp}")
-            # What was done, for the caller to report: the user must not read "interrupted" as
-            # "nothing happened" when the restore went through to the end.
-            self.completed = self._result(plan, loaded, integrity, "not checked (interrupted)", aside)
             raise asyncio.CancelledError
         ok, status = await self.tinyserved.wait_ready()
         if not ok:
@@ -502,7 +503,8 @@ class RestoreJob:
             restored=plan.items,
             images=len(loaded),
         )
-        return self._result(plan, loaded, integrity, status, aside)
+        self.completed = self._result(plan, loaded, integrity, status, aside)
+        return self.completed
 
     def _result(
         self, plan: RestorePlan, loaded: list[str], integrity: str, status: str, aside: list[str]
@@ -520,20 +522,24 @@ class RestoreJob:
         )
 
 
-class FinishedDespiteCancel(asyncio.CancelledError):
-    """A cancellation that came once the new state was in place: the restore finished first."""
+async def swap_database(
+    cfg: Config,
+    staged_db: Path,
+    tinyserved: Tinyserved | None = None,
+    *,
+    swapped: Callable[[list[str]], None] | None = None,
+) -> list[str]:
+    """Replace the live state.db with an already verified file (used by point-in-time restore).
 
-    def __init__(self, kept_aside: list[str]) -> None:
-        super().__init__()
-        self.kept_aside = kept_aside
-
-
-async def swap_database(cfg: Config, staged_db: Path, tinyserved: Tinyserved | None = None) -> list[str]:
-    """Replace the live state.db with an already verified file (used by point-in-time restore)."""
+    ``swapped`` is told what was kept aside as soon as the new database is in place: a
+    cancellation after that point ends the command, not the restore, and the caller reports it.
+    """
     ts = tinyserved or Tinyserved.from_config(cfg)
     swap = Swap(cfg.root)
     aside = await swap_in(swap, [StagedItem("state.db", staged_db)], ts)
+    if swapped is not None:
+        swapped(aside)
     if await start_on_new_state(swap, ts):
         log.warning("restore_finished_despite_cancel", backup="point-in-time")
-        raise FinishedDespiteCancel(aside)
+        raise asyncio.CancelledError
     return aside

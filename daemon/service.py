@@ -15,6 +15,7 @@ log = structlog.get_logger(__name__)
 # Between two `tinyserve status` calls while waiting for tinyserved to come up. There is no event to
 # wait on (launchd starts it and returns); the wait is bounded by `tinyserved.ready_seconds`.
 READY_POLL_S = 0.5
+READY_MIN_CALL_S = 5.0
 
 
 async def run_command(
@@ -102,12 +103,13 @@ class Tinyserved:
             )
         log.info("tinyserved_started")
 
-    async def status(self) -> tuple[bool, str]:
-        """Run `tinyserve status` when it exists; (ok, output)."""
+    async def status(self, limit_s: float | None = None) -> tuple[bool, str]:
+        """Run `tinyserve status` when it exists, within ``limit_s`` (default: the timeout); (ok, output)."""
         if not self.status_cmd or shutil.which(self.status_cmd[0]) is None:
             return True, "tinyserve CLI not found; status not checked"
+        limit = self.timeout if limit_s is None else limit_s
         try:
-            code, out = await run_command(self.status_cmd, timeout_s=self.timeout, what="tinyserve status")
+            code, out = await run_command(self.status_cmd, timeout_s=limit, what="tinyserve status")
         except ServiceControlError as exc:
             return False, exc.message
         return code == 0, out
@@ -123,7 +125,10 @@ class Tinyserved:
         deadline = loop.time() + self.ready_seconds
         tries = 0
         while True:
-            ok, out = await self.status()
+            # A hanging status call may not stretch the wait past the deadline by more than a
+            # few seconds (the first call gets at least those, however short ready_seconds is).
+            limit = min(self.timeout, max(deadline - loop.time(), READY_MIN_CALL_S))
+            ok, out = await self.status(limit)
             tries += 1
             if ok or loop.time() + READY_POLL_S > deadline:
                 if tries > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import os
@@ -76,6 +77,27 @@ async def appears(path: Path, within: float) -> bool:
     return await asyncio.to_thread(wait)
 
 
+async def release(fifo: Path, within: float = 20) -> None:
+    """Write a line to ``fifo`` for the stand-in blocked reading it (no reader yet: retry, bounded)."""
+
+    def write() -> None:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:  # ENXIO: nobody has it open for reading (yet)
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        try:
+            os.write(fd, b"go\n")
+        finally:
+            os.close(fd)
+
+    await asyncio.to_thread(write)
+
+
 def snapshot(root: Path) -> tuple[dict[str, object], list[str]]:
     return tree_digest(root, exclude=[*DB, "logs", "*.pre-restore", "*.pre-restore/*"]), db_dump(
         root / "state.db"
@@ -111,9 +133,13 @@ async def test_status_is_asked_until_tinyserved_is_up(
     """launchd returns before tinyserved is ready: ask again, and warn only when time is up."""
     monkeypatch.setattr(service_mod, "READY_POLL_S", 0.05)
     monkeypatch.setenv("FAKE_TINYSERVED_STARTING_FOR", "2" if comes_up else "1000")
-    cfg = cfg_for(root.path, "  ready_seconds: 0.5\n")
+    # (coming up, the wait ends at the third call: a long limit only guards against a slow machine)
+    cfg = cfg_for(root.path, "  ready_seconds: 60\n" if comes_up else "  ready_seconds: 0.5\n")
     res = await BackupJob(cfg, s3_storage).run("partial")
-    out = await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    job = RestoreJob(cfg, s3_storage)
+    t0 = time.monotonic()
+    out = await job.run(res.timestamp)
+    waited = time.monotonic() - t0
     calls = [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserve")]
     status_calls = [c for c in calls if c[:1] == ["status"]]
     if comes_up:
@@ -121,9 +147,40 @@ async def test_status_is_asked_until_tinyserved_is_up(
         assert out.tinyserve_status.startswith("tinyserved: running")
         assert not any("status" in w for w in out.warnings)
     else:
-        assert 5 <= len(status_calls) <= 11  # every 0.05 s for 0.5 s, then no more
+        assert len(status_calls) >= 2 and waited >= 0.5  # asked again, until the time was up
         assert any("tinyserve status reports a problem" in w for w in out.warnings)
+    assert job.completed == out
     assert out.integrity == "ok" and ctl_calls() == [["stop"], ["start"]]
+
+
+async def test_a_cancel_while_waiting_for_tinyserved_keeps_what_was_restored(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while asking whether tinyserved is up: the restore stands, and says what it did."""
+    monkeypatch.setattr(service_mod, "READY_POLL_S", 0.05)
+    monkeypatch.setenv("FAKE_TINYSERVED_STARTING_FOR", "1000")
+    cfg = cfg_for(root.path, "  ready_seconds: 60\n")
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    want = snapshot(root.path)
+    (root.path / "generated" / "marker").write_text("newer than the backup")
+    job = RestoreJob(cfg, s3_storage)
+    task = asyncio.create_task(job.run(res.timestamp))
+
+    def status_calls() -> int:
+        calls = read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserve")
+        return sum(1 for c in calls if c["args"][:1] == ["status"])
+
+    deadline = time.monotonic() + 30
+    while status_calls() < 2:  # the wait is under way
+        assert time.monotonic() < deadline and not task.done()
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 20)
+    assert snapshot(root.path) == want  # restored, not rolled back
+    assert job.completed is not None and job.completed.restored[0] == "state.db"
+    assert job.completed.tinyserve_status == "not checked (interrupted)"
+    assert ctl_calls() == [["stop"], ["start"]]
 
 
 async def test_partial_restore_keeps_previous_state_aside(root: RootInfo, s3_storage: S3Storage) -> None:
@@ -611,23 +668,23 @@ async def test_a_cancel_while_tinyserved_starts_after_a_point_in_time_swap_lets_
     (root / "state.db.pre-restore").write_text("older")  # the previous restore's: goes to the trash
     staged = tmp_path / "staged.db"
     staged.write_text("new")
-    reached, release = tmp_path / "reached", tmp_path / "release"
-    os.mkfifo(release)
+    reached, fifo = tmp_path / "reached", tmp_path / "release"
+    os.mkfifo(fifo)
     # The start command signals it is under way, then waits for the test's line on the FIFO
     # (bounded by the command timeout).
     start = ["sh", "-c", 'touch "$1"; read _ < "$2"; exec tinyserved-ctl start', "sh"]
-    ctl = Tinyserved(["tinyserved-ctl", "stop"], [*start, str(reached), str(release)], [], timeout=20)
-    task = asyncio.create_task(restore_mod.swap_database(cfg_for(root), staged, ctl))
+    ctl = Tinyserved(["tinyserved-ctl", "stop"], [*start, str(reached), str(fifo)], [], timeout=20)
+    swapped: list[list[str]] = []
+    task = asyncio.create_task(restore_mod.swap_database(cfg_for(root), staged, ctl, swapped=swapped.append))
 
     assert await appears(reached, 20)
+    assert swapped == [["state.db.pre-restore"]]  # told before the start, for the CLI to report
     task.cancel()
     await asyncio.sleep(0)  # the cancel lands while the start command runs
     assert not task.done()
-    with release.open("w") as w:
-        w.write("go\n")
-    with pytest.raises(restore_mod.FinishedDespiteCancel) as finished:
+    await release(fifo)
+    with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 20)
-    assert finished.value.kept_aside == ["state.db.pre-restore"]  # for the CLI to report
     assert ctl_calls() == [["stop"], ["start"]]
     assert {p.name: p.read_text() for p in root.iterdir()} == {
         "state.db": "new",
@@ -758,10 +815,10 @@ async def test_point_in_time_restore_in_place_via_cli(
     shipped = logical_dump(db)
     await asyncio.to_thread(commit_rows, db, 20, 5, 100)  # the live database moves on, unshipped
     live = logical_dump(db)
-    reached, release = tmp_path / "reached", tmp_path / "release"
-    os.mkfifo(release)
+    reached, fifo = tmp_path / "reached", tmp_path / "release"
+    os.mkfifo(fifo)
     start = (
-        f'[sh, -c, \'touch "$1"; read _ < "$2"; exec tinyserved-ctl start\', sh, {reached}, {release}]'
+        f'[sh, -c, \'touch "$1"; read _ < "$2"; exec tinyserved-ctl start\', sh, {reached}, {fifo}]'
         if interrupted
         else "[tinyserved-ctl, start]"
     )
@@ -775,18 +832,22 @@ async def test_point_in_time_restore_in_place_via_cli(
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    if interrupted:
-        assert await appears(reached, 30)
-        # SIGTERM until the restore logs a second one: then the first has cancelled it for sure,
-        # while tinyserved's start is still waiting on the test.
-        deadline = time.monotonic() + 30
-        while b"signal_while_stopping" not in (log_file.read_bytes() if log_file.exists() else b""):
-            assert time.monotonic() < deadline, "the restore never saw the signal"
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.05)
-        with release.open("w") as w:
-            w.write("go\n")
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        if interrupted:
+            assert await appears(reached, 30)
+            # SIGTERM until the restore logs a second one: then the first has cancelled it for
+            # sure, while tinyserved's start is still waiting on the test.
+            deadline = time.monotonic() + 30
+            while b"signal_while_stopping" not in (log_file.read_bytes() if log_file.exists() else b""):
+                assert time.monotonic() < deadline, "the restore never saw the signal"
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.05)
+            await release(fifo)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     if interrupted:
         assert proc.returncode == 130, err
         assert err.decode().strip().splitlines()[-1] == (
