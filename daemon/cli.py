@@ -536,6 +536,7 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
     from .lock import root_lock
     from .pitr import parse_rfc3339, restore_point_in_time
     from .restore import swap_database
+    from .service import Tinyserved
     from .storage import storage_from_config
 
     target = parse_rfc3339(at) if at else None
@@ -577,6 +578,11 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
                     await swap_database(cfg, staged, swapped=swapped)
                 finally:
                     await asyncio.to_thread(staged.unlink, True)
+                # Like a backup restore: is tinyserved up on the restored database?
+                ok, status = await Tinyserved.from_config(cfg).wait_ready()
+                finished[0]["tinyserve_status"] = status
+                if not ok:
+                    click.echo(f"warning: tinyserve status reports a problem: {status[-200:]}", err=True)
                 return finished[0]
 
     try:

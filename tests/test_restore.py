@@ -856,6 +856,11 @@ async def test_point_in_time_restore_in_place_via_cli(
     else:
         assert proc.returncode == 0, err
     assert out.decode().startswith("state.db restored to ")
+    status_calls = [
+        c for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserve") if c["args"] == ["status"]
+    ]
+    if not interrupted:  # tinyserved is asked about, and came up on the restored database
+        assert len(status_calls) == 1 and b"warning" not in err
     assert logical_dump(db) == shipped
     assert logical_dump(root / "state.db.pre-restore") == live
     assert ctl_calls() == [["stop"], ["start"]]
