@@ -829,6 +829,8 @@ async def test_point_in_time_restore_in_place_via_cli(
         f"tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: {start}\n  timeout_seconds: 20\n"
     )
     argv = [sys.executable, "-m", "daemon", "--config", str(cfgp), "restore", "--latest", "--yes"]
+    if interrupted:
+        argv.append("--json")  # a script reading the result learns that the restore went through
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -855,7 +857,11 @@ async def test_point_in_time_restore_in_place_via_cli(
         )
     else:
         assert proc.returncode == 0, err
-    assert out.decode().startswith("state.db restored to ")
+    if interrupted:
+        result = json.loads(out)
+        assert result["interrupted"] is True and result["kept_aside"] == ["state.db.pre-restore"]
+    else:
+        assert out.decode().startswith("state.db restored to ")
     status_calls = [
         c for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserve") if c["args"] == ["status"]
     ]
