@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 
@@ -43,15 +44,21 @@ async def run_command(
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        await _kill(proc)
         raise ServiceControlError(f"{what} did not finish within {timeout_s:.0f} s") from None
     except asyncio.CancelledError:
-        proc.kill()
-        await proc.wait()
+        await _kill(proc)
         raise
     text = out.decode(errors="replace").strip()
     return proc.returncode or 0, text[-2000:]
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    # It may have exited just now, between its last output and the cancellation: kill() would then
+    # raise ProcessLookupError instead of letting the cancellation through.
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()
 
 
 def _resolvable(program: str) -> bool:

@@ -153,6 +153,14 @@ async def test_status_is_asked_until_tinyserved_is_up(
     assert out.integrity == "ok" and ctl_calls() == [["stop"], ["start"]]
 
 
+async def test_killing_a_command_that_has_just_exited_lets_the_cancellation_through() -> None:
+    """A status call that ends as the Ctrl-C lands: the kill must not raise ProcessLookupError."""
+    proc = await asyncio.create_subprocess_exec("true")
+    await proc.wait()  # exited and reaped, as when the cancellation comes in that instant
+    await service_mod._kill(proc)  # no error
+    assert proc.returncode == 0
+
+
 async def test_a_cancel_while_waiting_for_tinyserved_keeps_what_was_restored(
     root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
