@@ -495,23 +495,33 @@ def restore_cmd(
             jobs.append(job)
             return await job.run(timestamp, btype, list(services) or None)
 
-    done = None  # the restore, when a Ctrl-C came after its point of no return
     try:
-        result = run_async(go)
-    except KeyboardInterrupt:
-        done = jobs[0].completed if jobs else None
-        if done is None:
-            raise
+        result, interrupted = _run_restore(go, lambda: jobs[0].completed if jobs else None)
     finally:
         if hasattr(progress, "close"):
             progress.close()
-    if done is not None:
-        _print_restore(done, as_json, interrupted=True)
+    _print_restore(result, as_json, interrupted)
+    _exit_if_interrupted(interrupted)
+
+
+def _run_restore(go: Callable[[], Awaitable[T]], completed: Callable[[], T | None]) -> tuple[T, bool]:
+    """``run_async(go)``; after a Ctrl-C past the restore's point of no return, what it completed.
+
+    Returns (result, whether interrupted). An interrupt before that point propagates as usual.
+    """
+    try:
+        return run_async(go), False
+    except KeyboardInterrupt:
+        done = completed()
+        if done is None:
+            raise
+        return done, True
+
+
+def _exit_if_interrupted(interrupted: bool) -> None:
+    if interrupted:
+        click.echo("interrupted after the point of no return: the restore finished (above)", err=True)
         sys.exit(130)
-    _print_restore(result, as_json)
-
-
-FINISHED_DESPITE_INTERRUPT = "interrupted after the point of no return: the restore finished (above)"
 
 
 def _print_restore(result: Any, as_json: bool, interrupted: bool = False) -> None:
@@ -526,8 +536,6 @@ def _print_restore(result: Any, as_json: bool, interrupted: bool = False) -> Non
         if result.kept_aside:
             click.echo(f"Previous state kept as: {', '.join(result.kept_aside)}")
         click.echo(f"Database integrity: {result.integrity}")
-    if interrupted:
-        click.echo(FINISHED_DESPITE_INTERRUPT, err=True)
 
 
 def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool, as_json: bool) -> None:
@@ -585,14 +593,9 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
                     click.echo(f"warning: tinyserve status reports a problem: {status[-200:]}", err=True)
                 return finished[0]
 
-    try:
-        result = run_async(go)
-    except KeyboardInterrupt:
-        if not finished:
-            raise
-        _print_pitr(finished[0], as_json, interrupted=True)
-        sys.exit(130)
-    _print_pitr(result, as_json)
+    result, interrupted = _run_restore(go, lambda: finished[0] if finished else None)
+    _print_pitr(result, as_json, interrupted)
+    _exit_if_interrupted(interrupted)
 
 
 def _print_pitr(result: dict[str, Any], as_json: bool, interrupted: bool = False) -> None:
@@ -604,8 +607,6 @@ def _print_pitr(result: dict[str, Any], as_json: bool, interrupted: bool = False
             f"state.db restored to {result['restored_to']} (generation {result['generation']}, "
             f"{result['commits_applied']} commits replayed) -> {result['output']}"
         )
-    if interrupted:
-        click.echo(FINISHED_DESPITE_INTERRUPT, err=True)
 
 
 @cli.command("verify")
