@@ -38,7 +38,7 @@ from daemon.restore import RestoreJob, RestorePlan, StagedItem, Swap, swap_in
 from daemon.service import Tinyserved
 from daemon.storage import S3Storage
 from daemon.verify import verify_backup
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_for
 from tests.helpers.rootfactory import RootInfo, db_dump, make_root, read_calls, tree_digest
 from tests.helpers.s3server import REPO, MotoServer
 
@@ -61,20 +61,6 @@ def cfg_for(root: Path, extra: str = "") -> Config:
 
 def ctl_calls() -> list[list[str]]:
     return [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserved-ctl")]
-
-
-async def appears(path: Path, within: float) -> bool:
-    """Whether ``path`` exists within ``within`` seconds (a stand-in's signal that it got so far)."""
-
-    def wait() -> bool:
-        deadline = time.monotonic() + within
-        while not path.exists():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
-
-    return await asyncio.to_thread(wait)
 
 
 async def release(fifo: Path, within: float = 20) -> None:
@@ -178,10 +164,8 @@ async def test_a_cancel_while_waiting_for_tinyserved_keeps_what_was_restored(
         calls = read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserve")
         return sum(1 for c in calls if c["args"][:1] == ["status"])
 
-    deadline = time.monotonic() + 30
-    while status_calls() < 2:  # the wait is under way
-        assert time.monotonic() < deadline and not task.done()
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: status_calls() >= 2 or task.done(), 30, "the status wait")
+    assert not task.done()  # the wait is under way
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 20)
@@ -624,7 +608,8 @@ async def test_cancel_once_docker_has_the_whole_archive_lets_the_restore_finish(
     job = RestoreJob(cfg, s3_storage)
     task = asyncio.create_task(job.run(res.timestamp))
 
-    assert await appears(Path(f"{gate}.reached"), 30)  # docker has the whole archive, tail included
+    # docker has the whole archive, tail included
+    await wait_for(Path(f"{gate}.reached").exists, 30, "docker to read the whole archive")
     task.cancel()
     gate.touch()
     with pytest.raises(asyncio.CancelledError):
@@ -685,7 +670,7 @@ async def test_a_cancel_while_tinyserved_starts_after_a_point_in_time_swap_lets_
     swapped: list[list[str]] = []
     task = asyncio.create_task(restore_mod.swap_database(cfg_for(root), staged, ctl, swapped=swapped.append))
 
-    assert await appears(reached, 20)
+    await wait_for(reached.exists, 20, "the start command")
     assert swapped == [["state.db.pre-restore"]]  # told before the start, for the CLI to report
     task.cancel()
     await asyncio.sleep(0)  # the cancel lands while the start command runs
@@ -844,7 +829,7 @@ async def test_point_in_time_restore_in_place_via_cli(
     )
     try:
         if interrupted:
-            assert await appears(reached, 30)
+            await wait_for(reached.exists, 30, "the start command")
             # SIGTERM until the restore logs a second one: then the first has cancelled it for
             # sure, while tinyserved's start is still waiting on the test.
             deadline = time.monotonic() + 30

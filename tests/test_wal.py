@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from daemon.wal import (
     split_object,
 )
 from daemon.walfile import read_wal
-from tests.conftest import s3_settings
+from tests.conftest import s3_settings, wait_for
 from tests.helpers.s3server import REPO, FaultProxy, MotoServer
 from tests.helpers.writer import (
     RecordingStorage,
@@ -45,14 +44,6 @@ from tests.helpers.writer import (
     read_log,
     replay,
 )
-
-
-async def wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def restore_latest(storage: Any, out: Path) -> dict[str, list[tuple[Any, ...]]]:
