@@ -602,10 +602,8 @@ def bench_restores(b: Bench, repeats: int = 1) -> None:
         b.rows.append(Row(phase, "tinyserve-backup", None, note="no full backup to restore"))
     if have_guide:
         b.rows.append(_median_row(phase, "guide scripts", guide_runs, "aws: one GET per object"))
-        res, check = guide("guide-restore-ranged", {})
-        row = Row(phase, GUIDE_RANGED, res, note="aws defaults (8 MiB ranged GETs, see notes)")
-        row.check = check
-        b.rows.append(row)
+        ranged = [guide("guide-restore-ranged", {})]
+        b.rows.append(_median_row(phase, GUIDE_RANGED, ranged, "aws defaults (8 MiB ranged GETs, see notes)"))
     else:
         b.rows.append(Row(phase, "guide scripts", None, note=b.guide_error or "no full backup to restore"))
 
