@@ -175,6 +175,8 @@ async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -
     _, cancelled = await through_cancel(tinyserved.stop())
     if not cancelled:
         try:
+            if any(i.rel == "state.db" for i in items):
+                await tinyserved.wait_released(swap.root / "state.db")
             aside, cancelled = await through_cancel(asyncio.to_thread(swap.apply, items))
         except BaseException:
             await _undo(swap, tinyserved)

@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import structlog
 
+from . import status
 from .errors import ServiceControlError
 
 log = structlog.get_logger(__name__)
@@ -17,6 +20,8 @@ log = structlog.get_logger(__name__)
 # wait on (launchd starts it and returns); the wait is bounded by `tinyserved.ready_seconds`.
 READY_POLL_S = 0.5
 READY_MIN_CALL_S = 5.0
+# Between two looks at who still has state.db open after a stop (bounded by the stop's timeout).
+RELEASE_POLL_S = 0.25
 
 
 async def run_command(
@@ -98,6 +103,42 @@ class Tinyserved:
         else:
             log.info("tinyserved_stopped")
 
+    async def wait_released(self, db: Path) -> None:
+        """Return once no other program has ``db`` (or its -wal/-shm) open; else ServiceControlError.
+
+        A stop command's exit code says little: `launchctl bootout` fails for a service that is not
+        loaded (fine) and for one it could not stop (not fine), and a real process may take a moment
+        to exit after a successful one. Swapping a database that a running tinyserved still writes
+        would lose those writes and leave tinyserved on the old file, so the restore asks the system
+        instead. With a stop command it waits up to that command's timeout for the holders to exit;
+        without one nobody is stopping them, so it looks once.
+        """
+        files = [db, *(db.with_name(db.name + s) for s in ("-wal", "-shm"))]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout if self.stop_cmd else 0)
+        waiting = False
+        while True:
+            held = await holders(files, exclude=ours(db.parent))
+            if held is None or not held:
+                if waiting:
+                    log.info("tinyserved_released", db=str(db))
+                return
+            who = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in held[:3])
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if self.stop_cmd:
+                    problem = f"{db.name} is still open by {who} after `tinyserved.stop`"
+                else:
+                    problem = f"{db.name} is open by {who} and no `tinyserved.stop` is configured"
+                raise ServiceControlError(
+                    f"{problem}; the restore changed nothing",
+                    "stop that program (or fix `tinyserved.stop` in the config) and run the restore again",
+                )
+            if not waiting:
+                log.info("tinyserved_stop_waiting", db=str(db), holders=who)
+                waiting = True
+            await asyncio.sleep(min(RELEASE_POLL_S, remaining))
+
     async def start(self) -> None:
         if not self.start_cmd:
             log.info("tinyserved_start_skipped", reason="no start command configured")
@@ -142,6 +183,79 @@ class Tinyserved:
                     log.info("tinyserved_ready" if ok else "tinyserved_not_ready", status_calls=tries)
                 return ok, out
             await asyncio.sleep(READY_POLL_S)
+
+
+def ours(root: Path) -> set[int]:
+    """Processes of this tool that may keep ``root``'s state.db open: this one, and its daemon."""
+    pids = {os.getpid()}
+    data = status.read_status(status.status_path(root)) or {}
+    pid = data.get("pid")
+    if isinstance(pid, int) and status.daemon_alive(pid):
+        pids.add(pid)  # the WAL shipper reopens the new file by itself
+    return pids
+
+
+def _proc_holders(files: list[Path], exclude: set[int]) -> list[int]:
+    """Linux: every process with one of ``files`` open, by inode (renames and links included)."""
+    targets = set()
+    for f in files:
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            targets.add((st.st_dev, st.st_ino))
+    if not targets:
+        return []
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            with os.scandir(f"/proc/{name}/fd") as fds:
+                for fd in fds:
+                    try:
+                        st = os.stat(fd.path)
+                    except OSError:
+                        continue  # closed meanwhile, or not a file
+                    if (st.st_dev, st.st_ino) in targets:
+                        found.append(int(name))
+                        break
+        except OSError:
+            continue  # exited, or another user's (whose files we cannot swap anyway)
+    return found
+
+
+async def _lsof_holders(files: list[Path], exclude: set[int]) -> list[int] | None:
+    present = [str(f) for f in files if await asyncio.to_thread(os.path.lexists, f)]
+    if not present:
+        return []
+    if await asyncio.to_thread(shutil.which, "lsof") is None:
+        return None
+    # lsof exits 1 when nothing has the files open; its output is one pid per line either way.
+    _, out = await run_command(["lsof", "-t", "--", *present], timeout_s=30, what="lsof")
+    pids = {int(line) for line in out.splitlines() if line.strip().isdigit()}
+    return sorted(pids - exclude)
+
+
+_warned_no_lsof = False
+
+
+async def holders(files: list[Path], exclude: set[int]) -> list[tuple[int, str]] | None:
+    """(pid, command) of every other process with one of ``files`` open; None when it cannot tell."""
+    global _warned_no_lsof
+    if sys.platform == "linux":
+        pids: list[int] | None = await asyncio.to_thread(_proc_holders, files, exclude)
+    else:
+        pids = await _lsof_holders(files, exclude)
+    if pids is None:
+        if not _warned_no_lsof:
+            log.warning("holder_check_unavailable", reason="lsof not found", fix="install lsof")
+            _warned_no_lsof = True
+        return None
+    out = []
+    for pid in pids:
+        cmd = await asyncio.to_thread(status.command_of, pid)
+        if cmd is not None or status.pid_alive(pid):
+            out.append((pid, (cmd or "?").strip()[:80]))
+    return out
 
 
 async def tinyserve_version() -> str:

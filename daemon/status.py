@@ -51,7 +51,7 @@ def pid_alive(pid: Any) -> bool:
     return True
 
 
-def _command_of(pid: int) -> str | None:
+def command_of(pid: int) -> str | None:
     """The command line of ``pid`` (None if it cannot be read)."""
     proc = Path(f"/proc/{pid}/cmdline")
     if proc.exists():
@@ -74,7 +74,7 @@ def daemon_alive(pid: Any) -> bool:
     """``pid`` is alive and still looks like our daemon (a recycled pid does not count)."""
     if not pid_alive(pid):
         return False
-    cmd = _command_of(int(pid))
+    cmd = command_of(int(pid))
     if cmd is None:
         return True  # cannot tell; the pid exists
     return ("tinyserve-backup" in cmd or "daemon" in cmd) and " run" in cmd

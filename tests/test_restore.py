@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon import docker
 from daemon import restore as restore_mod
@@ -31,6 +32,7 @@ from daemon.errors import (
     DockerError,
     IntegrityError,
     RestoreError,
+    ServiceControlError,
     UnsafeArchiveError,
 )
 from daemon.manifest import list_backups
@@ -201,6 +203,100 @@ async def test_partial_restore_keeps_previous_state_aside(root: RootInfo, s3_sto
     out = await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
     assert not any(p.name.startswith(".restore-trash") for p in root.path.iterdir())
     assert db_dump(root.path / "state.db.pre-restore") == before_db
+
+
+async def start_holder(db: Path, tmp: Path, exit_after: float = 0.0) -> subprocess.Popen[bytes]:
+    """A stand-in tinyserved: a real process keeping ``db`` open until SIGTERM (tests/helpers/writer)."""
+    ready = tmp / f"holder-{time.monotonic_ns()}.ready"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.helpers.writer",
+            "hold",
+            str(db),
+            str(ready),
+            "--exit-after",
+            str(exit_after),
+        ],
+        cwd=str(REPO),
+    )
+    await wait_for(ready.exists, 20, "the holder to open state.db")
+    return proc
+
+
+def holder_rows(db: Path) -> list[str]:
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in conn.execute("SELECT what FROM holder ORDER BY rowid")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("stop", ["does not stop it", "none configured"])
+async def test_restore_refuses_a_database_another_program_still_has_open(
+    root: RootInfo, s3_storage: S3Storage, tmp_path: Path, stop: str
+) -> None:
+    """A stop that leaves tinyserved running (or none at all) must not let the restore swap under it."""
+    res = await BackupJob(cfg_for(root.path), s3_storage).run("partial")
+    holder = await start_holder(root.db_path, tmp_path)
+    try:
+        if stop == "none configured":
+            cfg = parse_config(f"root: {root.path}\ncompression:\n  threads: 0\n")
+        else:  # the stand-in only records the call; the holder keeps running
+            cfg = cfg_for(root.path, "  timeout_seconds: 1\n")
+        before_tree, before_db = snapshot(root.path)
+        t0 = time.monotonic()
+        with pytest.raises(ServiceControlError) as ei:
+            await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
+        waited = time.monotonic() - t0
+        msg = ei.value.message
+        assert f"state.db is {'still ' if stop != 'none configured' else ''}open by pid {holder.pid}" in msg
+        assert "the restore changed nothing" in msg
+        assert snapshot(root.path) == (before_tree, before_db)
+        assert not list(root.path.glob("*.pre-restore"))
+        assert not [p for p in root.path.parent.iterdir() if p.name.startswith(".")]  # staging gone
+        if stop == "none configured":
+            assert ctl_calls() == []
+        else:  # it waited the stop's timeout for the holder to go, then started tinyserved again
+            assert waited >= 1
+            assert ctl_calls() == [["stop"], ["start"]]
+        assert holder.poll() is None
+        assert holder_rows(root.db_path) == ["held"]
+    finally:
+        holder.terminate()
+        holder.wait(10)
+
+
+async def test_restore_waits_for_a_stopping_tinyserved_to_let_go_of_the_database(
+    root: RootInfo, s3_storage: S3Storage, tmp_path: Path
+) -> None:
+    """`launchctl bootout` may return before tinyserved has exited: swap only once it has."""
+    res = await BackupJob(cfg_for(root.path), s3_storage).run("partial")
+    _, before_db = snapshot(root.path)
+    holder = await start_holder(root.db_path, tmp_path, exit_after=0.5)
+    try:
+        cfg = parse_config(
+            f"root: {root.path}\ncompression:\n  threads: 0\n"
+            f"tinyserved:\n  stop: [kill, -TERM, '{holder.pid}']\n  start: [tinyserved-ctl, start]\n"
+        )
+        with capture_logs() as logs:
+            out = await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
+        events = [e["event"] for e in logs]
+        assert events.index("tinyserved_stop_waiting") < events.index("tinyserved_released")
+        assert holder.wait(10) == 0
+        # its last write, made while shutting down, went into the old database, now kept aside
+        assert holder_rows(root.path / "state.db.pre-restore") == ["held", "left"]
+        assert out.integrity == "ok"
+        assert db_dump(root.path / "state.db") == before_db
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
 
 
 async def test_one_service_restored_alone(root: RootInfo, s3_storage: S3Storage) -> None:

@@ -7,6 +7,10 @@ its statements and the wall-clock times just before BEGIN and just after COMMIT.
 log (:func:`replay`) rebuilds the database as of any commit, so a test can compare a restore with
 exactly what the application had committed.
 
+``python -m tests.helpers.writer hold DB READY [--exit-after S]`` is a stand-in tinyserved: it keeps
+DB open (one committed row ``held``), touches READY, and on SIGTERM lingers S seconds like a
+service shutting down, commits ``left`` and exits.
+
 ``python -m tests.helpers.writer ship DB SPOOL (--dir D | --s3 ENDPOINT BUCKET PREFIX)`` runs a
 WAL shipper in its own process, so a test can ``kill -9`` it.
 """
@@ -173,6 +177,21 @@ def write(args: argparse.Namespace) -> int:
                 time.sleep(args.pause)
             elif interval:
                 time.sleep(rng.uniform(0, 2 * interval))
+    conn.close()
+    return 0
+
+
+def hold(args: argparse.Namespace) -> int:
+    # Blocked, then waited for: a SIGTERM arriving before the wait is not lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    conn = sqlite3.connect(args.db, isolation_level=None, timeout=10)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS holder (what TEXT, at REAL)")
+    conn.execute("INSERT INTO holder VALUES ('held', ?)", (time.time(),))
+    Path(args.ready).touch()
+    signal.sigwait({signal.SIGTERM})
+    time.sleep(args.exit_after)  # the simulated shutdown, not a wait for anything
+    conn.execute("INSERT INTO holder VALUES ('left', ?)", (time.time(),))
     conn.close()
     return 0
 
@@ -369,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--pause-every", type=int, default=0)
     w.add_argument("--pause", type=float, default=0.5)
     w.add_argument("--stop-file", default="")
+    h = sub.add_parser("hold")
+    h.add_argument("db")
+    h.add_argument("ready")
+    h.add_argument("--exit-after", type=float, default=0.0)
     s = sub.add_parser("ship")
     s.add_argument("db")
     s.add_argument("spool")
@@ -379,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "write":
         return write(args)
+    if args.cmd == "hold":
+        return hold(args)
     return asyncio.run(_ship(args))
 
 
