@@ -97,6 +97,7 @@ class Artifact:
     estimate: int | None = None
     service: str | None = None
     stats: Any = None
+    journal_mode: str | None = None
 
 
 @dataclass
@@ -278,6 +279,7 @@ class BackupJob:
             sources=art.sources,
             service=art.service,
             raw_size=None,
+            journal_mode=art.journal_mode,
         )
 
     async def _hook(self, service: str, which: str) -> None:
@@ -346,10 +348,11 @@ class BackupJob:
         try:
             arts = await self._artifacts(btype, services, tmpdir)
             if any(a.kind == "sqlite" for a in arts):
-                size = await snapshot_database(self.root / "state.db", tmpdir / "state.db")
+                size, mode = await snapshot_database(self.root / "state.db", tmpdir / "state.db")
                 for a in arts:
                     if a.kind == "sqlite":
                         a.estimate = size
+                        a.journal_mode = mode
             self.progress.start(f"{btype} backup", sum(a.estimate or 0 for a in arts) or None)
             results: list[ObjectEntry | None] = [None] * len(arts)
             # Two artifacts at a time hide one upload's completion behind the next one's

@@ -48,6 +48,7 @@ class ObjectEntry:
     sources: list[str] = field(default_factory=list)  # root-relative paths it holds
     service: str | None = None
     raw_size: int | None = None
+    journal_mode: str | None = None  # sqlite: the live database's mode when it was backed up
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -63,6 +64,8 @@ class ObjectEntry:
             d["service"] = self.service
         if self.raw_size is not None:
             d["raw_size"] = self.raw_size
+        if self.journal_mode is not None:
+            d["journal_mode"] = self.journal_mode
         return d
 
     @classmethod
@@ -77,6 +80,7 @@ class ObjectEntry:
             sources=list(d.get("sources", [])),
             service=d.get("service"),
             raw_size=d.get("raw_size"),
+            journal_mode=d.get("journal_mode"),
         )
 
 

@@ -38,7 +38,7 @@ from .config import Config
 from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
 from .manifest import BackupRef, ObjectEntry, find_backup
 from .service import Tinyserved
-from .snapshot import integrity_check
+from .snapshot import JOURNAL_MODES, integrity_check, set_journal_mode
 from .storage import Storage
 from .streams import HashingStream, decompress_stream, disk_error, write_stream
 
@@ -102,6 +102,11 @@ def entry_sources(e: ObjectEntry) -> set[str]:
     if e.name.startswith("services"):
         return {"services"}
     return set()
+
+
+def restored_journal_mode(e: ObjectEntry) -> str:
+    """The mode the live database was in (our manifests record it); else WAL, tinyserved's mode."""
+    return e.journal_mode if e.journal_mode in JOURNAL_MODES else "wal"
 
 
 def archive_codec(e: ObjectEntry) -> Codec | Literal["auto"]:
@@ -316,6 +321,7 @@ class RestoreJob:
                 result = await asyncio.to_thread(integrity_check, db)
                 if result != "ok":
                     raise IntegrityError(f"the database in {e.name} fails integrity_check: {result}")
+                await asyncio.to_thread(set_journal_mode, db, restored_journal_mode(e))
             elif e.kind == "tar":
                 if plan.services:
                     select: set[str] | None = {f"services/{s}" for s in plan.services}

@@ -12,13 +12,17 @@ from .errors import BackupError, IntegrityError
 
 log = structlog.get_logger(__name__)
 
+# The on-disk modes a restored database may be put in ("memory"/"off" are not a file's state).
+JOURNAL_MODES = ("wal", "delete", "truncate", "persist")
 
-def _snapshot(src: Path, dest: Path) -> int:
+
+def _snapshot(src: Path, dest: Path) -> tuple[int, str]:
     dest.unlink(missing_ok=True)
     # Read-only URI: the snapshot never writes into the live database (no checkpoint, no -shm
     # creation beyond what WAL readers need).
     source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30)
     try:
+        mode = str(source.execute("PRAGMA journal_mode").fetchone()[0]).lower()
         target = sqlite3.connect(dest)
         try:
             # pages=-1 copies in one step under one read transaction: in WAL mode that does not
@@ -32,14 +36,15 @@ def _snapshot(src: Path, dest: Path) -> int:
             target.close()
     finally:
         source.close()
-    return dest.stat().st_size
+    return dest.stat().st_size, mode
 
 
-async def snapshot_database(src: Path, dest: Path) -> int:
-    """Copy ``src`` to ``dest`` with SQLite's online backup API; returns the size in bytes.
+async def snapshot_database(src: Path, dest: Path) -> tuple[int, str]:
+    """Copy ``src`` to ``dest`` with SQLite's online backup API; returns (size in bytes, the
+    journal mode ``src`` was in).
 
     The copy is self-contained (rollback-journal mode, no -wal beside it), so `sqlite3 state.db`
-    opens it anywhere.
+    opens it anywhere; a restore puts it back in the recorded mode (see ``set_journal_mode``).
     """
     if not await asyncio.to_thread(src.exists):
         raise BackupError(f"database {src} does not exist", "check `root` in the config")
@@ -65,3 +70,22 @@ def integrity_check(db: Path) -> str:
     finally:
         conn.close()
     return "ok" if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows[:5])
+
+
+def set_journal_mode(db: Path, mode: str) -> None:
+    """Put a database nobody else has open into ``mode`` (e.g. back into WAL after a restore).
+
+    Backups store the database in rollback-journal mode, but tinyserved's is in WAL mode, and the
+    mode lives in the file: restored as stored, it would stay in rollback mode unless tinyserved
+    asks for WAL at every start, and WAL shipping would wait for it forever. Closing the only
+    connection checkpoints and removes the -wal/-shm it made, so nothing is left beside the file.
+    """
+    if mode not in JOURNAL_MODES:  # it comes from a manifest: never into SQL unchecked
+        raise ValueError(f"unsupported journal mode {mode!r}")
+    conn = sqlite3.connect(db)
+    try:
+        got = str(conn.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]).lower()
+    finally:
+        conn.close()
+    if got != mode:
+        raise IntegrityError(f"{db.name} could not be put in {mode} journal mode (it stays {got})")

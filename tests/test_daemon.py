@@ -354,3 +354,28 @@ def test_status_with_a_dead_or_recycled_pid_is_stale(tmp_path: Path) -> None:
     )
     doc["pid"] = int(dead.stdout)
     assert describe(doc, path)["running"] is False
+
+
+def test_a_restore_goes_on_while_the_daemon_ships_the_wal(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """The shipper keeps state.db open; a restore must not take the daemon for tinyserved."""
+    root, dest = make_setup(tmp_path)
+    cfg = config_text(
+        root,
+        dest,
+        tmp_path / "daemon.log",
+        '  partial: "off"\n  full: "off"\n',
+        wal=True,
+        extra="tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
+        "  timeout_seconds: 5\n",
+    )
+    d = Daemon(tmp_path, cfg, virtual_now=datetime.now(UTC))
+    daemons.append(d.start())
+    d.wait_event(lambda e: e["event"] == "wal_generation_started", 30)
+    made = d.cli("create", "--partial", "--json")
+    assert made.returncode == 0, made.stderr
+    ts = json.loads(made.stdout)["timestamp"]
+    restored = d.cli("restore", ts, "--partial", "--yes")
+    assert restored.returncode == 0, restored.stderr
+    assert (root / "state.db.pre-restore").exists()
+    # the shipper notices the new file and carries on with it (a new generation)
+    d.wait_event(lambda e: e["event"] == "wal_generation_started", 30, count=2)

@@ -92,6 +92,11 @@ def snapshot(root: Path) -> tuple[dict[str, object], list[str]]:
     )
 
 
+def journal_mode(db: Path) -> str:
+    """The mode the file itself records (header bytes 18-19: 2 = WAL), without opening it in SQLite."""
+    return "wal" if db.read_bytes()[18:20] == b"\x02\x02" else "rollback"
+
+
 async def test_full_restore_into_wiped_root_is_exact(root: RootInfo, s3_storage: S3Storage) -> None:
     cfg = cfg_for(root.path)
     before_tree, before_db = snapshot(root.path)
@@ -104,11 +109,57 @@ async def test_full_restore_into_wiped_root_is_exact(root: RootInfo, s3_storage:
     after_tree, after_db = snapshot(root.path)
     assert after_tree == before_tree
     assert after_db == before_db
+    # back in the WAL mode it was in (the backup stores it self-contained, in rollback mode)
+    assert [o.journal_mode for o in res.manifest.objects if o.kind == "sqlite"] == ["wal"]
+    assert journal_mode(root.path / "state.db") == "wal"
     assert not (root.path / "state.db-wal").exists()
     assert sorted(out.images_loaded) == sorted(root.images)
     assert ctl_calls() == [["stop"], ["start"]]
     # nothing left beside the root
     assert sorted(p.name for p in root.path.parent.iterdir() if p.name.startswith(".")) == []
+
+
+async def test_a_database_kept_in_rollback_mode_is_restored_in_it(
+    root: RootInfo, s3_storage: S3Storage
+) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(root.db_path)
+    assert conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
+    conn.close()
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    assert [o.journal_mode for o in res.manifest.objects if o.kind == "sqlite"] == ["delete"]
+    await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
+    assert journal_mode(root.path / "state.db") == "rollback"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "restored"),
+    [("wal", "wal"), ("delete", "delete"), (None, "wal"), ("wal; DROP TABLE kv", "wal"), ("off", "wal")],
+)
+def test_the_recorded_journal_mode_is_restored_and_nothing_else(
+    tmp_path: Path, recorded: str | None, restored: str
+) -> None:
+    """Manifests before the mode was recorded (and the guide's) mean WAL; a manifest is untrusted."""
+    import sqlite3
+
+    from daemon.manifest import ObjectEntry
+    from daemon.snapshot import set_journal_mode
+
+    entry = ObjectEntry("state.db.zst", "sqlite", 1, journal_mode=recorded)
+    assert restore_mod.restored_journal_mode(entry) == restored
+    (tmp_path / "r").mkdir()
+    db = tmp_path / "r" / "state.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    set_journal_mode(db, restored)
+    assert journal_mode(db) == ("wal" if restored == "wal" else "rollback")
+    assert sorted(p.name for p in db.parent.iterdir()) == ["state.db"]  # no -wal/-shm left beside it
+    with pytest.raises(ValueError):
+        set_journal_mode(db, "wal; DROP TABLE t")
 
 
 @pytest.mark.parametrize("comes_up", [True, False])
