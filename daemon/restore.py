@@ -180,9 +180,12 @@ async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -
     _, cancelled = await through_cancel(tinyserved.stop())
     if not cancelled:
         try:
-            if any(i.rel == "state.db" for i in items):
+            db = any(i.rel == "state.db" for i in items)
+            if db:
                 await tinyserved.wait_released(swap.root / "state.db")
             aside, cancelled = await through_cancel(asyncio.to_thread(swap.apply, items))
+            if db and not cancelled:
+                await tinyserved.check_not_reopened(swap.root / f"state.db{PRE}", swap.root)
         except BaseException:
             await _undo(swap, tinyserved)
             raise
@@ -321,7 +324,13 @@ class RestoreJob:
                 result = await asyncio.to_thread(integrity_check, db)
                 if result != "ok":
                     raise IntegrityError(f"the database in {e.name} fails integrity_check: {result}")
-                await asyncio.to_thread(set_journal_mode, db, restored_journal_mode(e))
+                try:
+                    await asyncio.to_thread(set_journal_mode, db, restored_journal_mode(e))
+                except IntegrityError as exc:
+                    # The data is whole; only the mode is not what it was (a filesystem without
+                    # shared memory for WAL?). tinyserved can still open it; say so.
+                    log.warning("restore_journal_mode_unchanged", error=exc.message)
+                    self.warnings.append(f"{exc.message}; WAL shipping waits until it is in WAL mode")
             elif e.kind == "tar":
                 if plan.services:
                     select: set[str] | None = {f"services/{s}" for s in plan.services}

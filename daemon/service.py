@@ -22,6 +22,8 @@ READY_POLL_S = 0.5
 READY_MIN_CALL_S = 5.0
 # Between two looks at who still has state.db open after a stop (bounded by the stop's timeout).
 RELEASE_POLL_S = 0.25
+# The least time one look may take (lsof on a Mac with many processes takes a fraction of it).
+HOLDERS_MIN_S = 10.0
 
 
 async def run_command(
@@ -113,31 +115,40 @@ class Tinyserved:
         instead. With a stop command it waits up to that command's timeout for the holders to exit;
         without one nobody is stopping them, so it looks once.
         """
-        files = [db, *(db.with_name(db.name + s) for s in ("-wal", "-shm"))]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.timeout if self.stop_cmd else 0)
         waiting = False
         while True:
-            held = await holders(files, exclude=ours(db.parent))
-            if held is None or not held:
+            remaining = deadline - loop.time()
+            held = await holders(db_files(db), ours(db.parent), limit_s=max(remaining, HOLDERS_MIN_S))
+            if not held:  # none, or no way to tell (warned)
                 if waiting:
                     log.info("tinyserved_released", db=str(db))
                 return
-            who = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in held[:3])
             remaining = deadline - loop.time()
             if remaining <= 0:
                 if self.stop_cmd:
-                    problem = f"{db.name} is still open by {who} after `tinyserved.stop`"
+                    problem = f"{db.name} is still open by {_who(held)} after `tinyserved.stop`"
                 else:
-                    problem = f"{db.name} is open by {who} and no `tinyserved.stop` is configured"
+                    problem = f"{db.name} is open by {_who(held)} and no `tinyserved.stop` is configured"
                 raise ServiceControlError(
                     f"{problem}; the restore changed nothing",
                     "stop that program (or fix `tinyserved.stop` in the config) and run the restore again",
                 )
             if not waiting:
-                log.info("tinyserved_stop_waiting", db=str(db), holders=who)
+                log.info("tinyserved_stop_waiting", db=str(db), holders=_who(held))
                 waiting = True
             await asyncio.sleep(min(RELEASE_POLL_S, remaining))
+
+    async def check_not_reopened(self, aside: Path, root: Path) -> None:
+        """After the renames: fail (to be rolled back) if something opened the old database between
+        the last look and the rename, e.g. a service manager starting tinyserved again."""
+        held = await holders(db_files(aside), ours(root), limit_s=HOLDERS_MIN_S)
+        if held:
+            raise ServiceControlError(
+                f"{_who(held)} opened state.db while the restore replaced it; everything was put back",
+                "make sure tinyserved stays stopped (check `tinyserved.stop`) and run the restore again",
+            )
 
     async def start(self) -> None:
         if not self.start_cmd:
@@ -185,13 +196,28 @@ class Tinyserved:
             await asyncio.sleep(READY_POLL_S)
 
 
+def db_files(db: Path) -> list[Path]:
+    """A database and the files SQLite keeps beside it while it has it open."""
+    return [db, *(db.with_name(db.name + side) for side in ("-wal", "-shm"))]
+
+
+def _who(held: list[tuple[int, str]]) -> str:
+    return ", ".join(f"pid {pid} ({cmd})" for pid, cmd in held[:3])
+
+
 def ours(root: Path) -> set[int]:
-    """Processes of this tool that may keep ``root``'s state.db open: this one, and its daemon."""
+    """Processes of this tool that may keep ``root``'s state.db open: this one, and its daemon.
+
+    The daemon counts only while its status file says it runs and its pid still shows our daemon's
+    command line: a stale file whose pid now belongs to another program must not hide it.
+    """
     pids = {os.getpid()}
     data = status.read_status(status.status_path(root)) or {}
     pid = data.get("pid")
-    if isinstance(pid, int) and status.daemon_alive(pid):
-        pids.add(pid)  # the WAL shipper reopens the new file by itself
+    if isinstance(pid, int) and data.get("state") != "stopped" and status.pid_alive(pid):
+        cmd = status.command_of(pid) or ""
+        if " run" in cmd and ("tinyserve-backup" in cmd or " -m daemon " in cmd):
+            pids.add(pid)  # the WAL shipper reopens the new file by itself
     return pids
 
 
@@ -219,36 +245,66 @@ def _proc_holders(files: list[Path], exclude: set[int]) -> list[int]:
                         found.append(int(name))
                         break
         except OSError:
-            continue  # exited, or another user's (whose files we cannot swap anyway)
+            # Exited, or another user's: not seen. tinyserved runs as this user (a LaunchAgent
+            # or a user unit), so its files are always readable here.
+            continue
     return found
 
 
-async def _lsof_holders(files: list[Path], exclude: set[int]) -> list[int] | None:
+def _lsof_path() -> str | None:
+    # launchd and cron give a PATH without /usr/sbin, where macOS keeps lsof.
+    return shutil.which("lsof") or next(
+        (p for p in ("/usr/sbin/lsof", "/usr/bin/lsof") if os.access(p, os.X_OK)), None
+    )
+
+
+async def _lsof_holders(files: list[Path], exclude: set[int], limit_s: float) -> list[int] | str:
+    """macOS (and Linux without /proc): pids from `lsof -t`, or why it cannot tell."""
     present = [str(f) for f in files if await asyncio.to_thread(os.path.lexists, f)]
     if not present:
         return []
-    if await asyncio.to_thread(shutil.which, "lsof") is None:
-        return None
-    # lsof exits 1 when nothing has the files open; its output is one pid per line either way.
-    _, out = await run_command(["lsof", "-t", "--", *present], timeout_s=30, what="lsof")
-    pids = {int(line) for line in out.splitlines() if line.strip().isdigit()}
-    return sorted(pids - exclude)
+    lsof = await asyncio.to_thread(_lsof_path)
+    if lsof is None:
+        return "lsof not found"
+    proc = await asyncio.create_subprocess_exec(
+        lsof,
+        "-w",
+        "-t",
+        "--",
+        *present,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), limit_s)
+    except TimeoutError:
+        await _kill(proc)
+        return f"lsof did not answer within {limit_s:.0f} s"
+    except asyncio.CancelledError:
+        await _kill(proc)
+        raise
+    lines = out.decode(errors="replace").split()
+    # Exit 1 with no output is lsof's "nobody has them open"; any other failure tells nothing.
+    if proc.returncode not in (0, 1) or (proc.returncode == 1 and lines):
+        return f"lsof exited with {proc.returncode}"
+    if not all(x.isdigit() for x in lines):
+        return "lsof printed something other than pids"
+    return sorted({int(x) for x in lines} - exclude)
 
 
-_warned_no_lsof = False
-
-
-async def holders(files: list[Path], exclude: set[int]) -> list[tuple[int, str]] | None:
-    """(pid, command) of every other process with one of ``files`` open; None when it cannot tell."""
-    global _warned_no_lsof
-    if sys.platform == "linux":
-        pids: list[int] | None = await asyncio.to_thread(_proc_holders, files, exclude)
+async def holders(
+    files: list[Path], exclude: set[int], *, limit_s: float = 30
+) -> list[tuple[int, str]] | None:
+    """(pid, command) of every other process with one of ``files`` open; None when it cannot tell
+    (logged as a warning: the restore then relies on the stop command alone)."""
+    if sys.platform == "linux" and await asyncio.to_thread(os.path.isdir, "/proc/self/fd"):
+        pids: list[int] | str = await asyncio.to_thread(_proc_holders, files, exclude)
     else:
-        pids = await _lsof_holders(files, exclude)
-    if pids is None:
-        if not _warned_no_lsof:
-            log.warning("holder_check_unavailable", reason="lsof not found", fix="install lsof")
-            _warned_no_lsof = True
+        pids = await _lsof_holders(files, exclude, limit_s)
+    if isinstance(pids, str):
+        log.warning("holder_check_unavailable", reason=pids, fix="install lsof, or check by hand")
         return None
     out = []
     for pid in pids:

@@ -12,8 +12,9 @@ from .errors import BackupError, IntegrityError
 
 log = structlog.get_logger(__name__)
 
-# The on-disk modes a restored database may be put in ("memory"/"off" are not a file's state).
-JOURNAL_MODES = ("wal", "delete", "truncate", "persist")
+# The modes a file itself records (the rest, e.g. "truncate", are per connection and read as
+# "delete" from the file).
+JOURNAL_MODES = ("wal", "delete")
 
 
 def _snapshot(src: Path, dest: Path) -> tuple[int, str]:
@@ -82,10 +83,13 @@ def set_journal_mode(db: Path, mode: str) -> None:
     """
     if mode not in JOURNAL_MODES:  # it comes from a manifest: never into SQL unchecked
         raise ValueError(f"unsupported journal mode {mode!r}")
-    conn = sqlite3.connect(db)
     try:
-        got = str(conn.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]).lower()
-    finally:
-        conn.close()
+        conn = sqlite3.connect(db)
+        try:
+            got = str(conn.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]).lower()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise IntegrityError(f"{db.name} could not be put in {mode} journal mode: {exc}") from None
     if got != mode:
         raise IntegrityError(f"{db.name} could not be put in {mode} journal mode (it stays {got})")

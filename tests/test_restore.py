@@ -256,22 +256,13 @@ async def test_partial_restore_keeps_previous_state_aside(root: RootInfo, s3_sto
     assert db_dump(root.path / "state.db.pre-restore") == before_db
 
 
-async def start_holder(db: Path, tmp: Path, exit_after: float = 0.0) -> subprocess.Popen[bytes]:
+async def start_holder(db: Path, tmp: Path, linger_until: Path | None = None) -> subprocess.Popen[bytes]:
     """A stand-in tinyserved: a real process keeping ``db`` open until SIGTERM (tests/helpers/writer)."""
     ready = tmp / f"holder-{time.monotonic_ns()}.ready"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.helpers.writer",
-            "hold",
-            str(db),
-            str(ready),
-            "--exit-after",
-            str(exit_after),
-        ],
-        cwd=str(REPO),
-    )
+    argv = [sys.executable, "-m", "tests.helpers.writer", "hold", str(db), str(ready)]
+    if linger_until is not None:
+        argv += ["--linger-until", str(linger_until)]
+    proc = subprocess.Popen(argv, cwd=str(REPO))
     await wait_for(ready.exists, 20, "the holder to open state.db")
     return proc
 
@@ -299,7 +290,7 @@ async def test_restore_refuses_a_database_another_program_still_has_open(
         if stop == "none configured":
             cfg = parse_config(f"root: {root.path}\ncompression:\n  threads: 0\n")
         else:  # the stand-in only records the call; the holder keeps running
-            cfg = cfg_for(root.path, "  timeout_seconds: 1\n")
+            cfg = cfg_for(root.path, "  timeout_seconds: 3\n")
         before_tree, before_db = snapshot(root.path)
         t0 = time.monotonic()
         with pytest.raises(ServiceControlError) as ei:
@@ -314,7 +305,7 @@ async def test_restore_refuses_a_database_another_program_still_has_open(
         if stop == "none configured":
             assert ctl_calls() == []
         else:  # it waited the stop's timeout for the holder to go, then started tinyserved again
-            assert waited >= 1
+            assert waited >= 3
             assert ctl_calls() == [["stop"], ["start"]]
         assert holder.poll() is None
         assert holder_rows(root.db_path) == ["held"]
@@ -329,14 +320,21 @@ async def test_restore_waits_for_a_stopping_tinyserved_to_let_go_of_the_database
     """`launchctl bootout` may return before tinyserved has exited: swap only once it has."""
     res = await BackupJob(cfg_for(root.path), s3_storage).run("partial")
     _, before_db = snapshot(root.path)
-    holder = await start_holder(root.db_path, tmp_path, exit_after=0.5)
+    go = tmp_path / "holder-may-exit"
+    holder = await start_holder(root.db_path, tmp_path, linger_until=go)
     try:
         cfg = parse_config(
             f"root: {root.path}\ncompression:\n  threads: 0\n"
             f"tinyserved:\n  stop: [kill, -TERM, '{holder.pid}']\n  start: [tinyserved-ctl, start]\n"
         )
         with capture_logs() as logs:
-            out = await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
+            task = asyncio.create_task(RestoreJob(cfg, s3_storage).run(res.timestamp, "partial"))
+            # stopped, but still shutting down (with state.db open): the restore must wait
+            await wait_for(lambda: any(e["event"] == "tinyserved_stop_waiting" for e in logs), 30, "the wait")
+            assert not task.done() and holder.poll() is None
+            assert not (root.path / "state.db.pre-restore").exists()
+            go.touch()
+            out = await asyncio.wait_for(task, 60)
         events = [e["event"] for e in logs]
         assert events.index("tinyserved_stop_waiting") < events.index("tinyserved_released")
         assert holder.wait(10) == 0
@@ -345,9 +343,83 @@ async def test_restore_waits_for_a_stopping_tinyserved_to_let_go_of_the_database
         assert out.integrity == "ok"
         assert db_dump(root.path / "state.db") == before_db
     finally:
+        go.touch()
         if holder.poll() is None:
             holder.kill()
             holder.wait(10)
+
+
+async def test_a_database_opened_again_during_the_swap_puts_everything_back(
+    root: RootInfo, s3_storage: S3Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something (a service manager?) opens state.db between the last look and the renames."""
+    res = await BackupJob(cfg_for(root.path), s3_storage).run("partial")
+    before = snapshot(root.path)
+    holders: list[subprocess.Popen[bytes]] = []
+    real_apply = Swap.apply
+
+    def apply_after_a_reopen(self: Swap, items: list[StagedItem]) -> list[str]:
+        holders.append(asyncio.run(start_holder(root.db_path, tmp_path)))
+        return real_apply(self, items)
+
+    monkeypatch.setattr(Swap, "apply", apply_after_a_reopen)
+    try:
+        with pytest.raises(ServiceControlError, match=r"opened state\.db while the restore replaced it"):
+            await RestoreJob(cfg_for(root.path), s3_storage).run(res.timestamp, "partial")
+        assert holders and holders[0].poll() is None
+        assert ctl_calls() == [["stop"], ["start"]]
+        assert snapshot(root.path)[0] == before[0]
+        # the live database is the old one again, with the holder's write (the backup's has none)
+        assert holder_rows(root.db_path) == ["held"]
+        assert not list(root.path.glob("*.pre-restore"))
+    finally:
+        for h in holders:
+            h.terminate()
+            h.wait(10)
+
+
+async def test_lsof_finds_the_holder_as_on_a_mac_and_a_failing_lsof_tells_nothing(
+    root: RootInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """macOS has no /proc: the same question goes to `lsof` (the real one here)."""
+    if shutil.which("lsof") is None:
+        pytest.skip("lsof is not installed")
+    files = service_mod.db_files(root.db_path)
+    holder = await start_holder(root.db_path, tmp_path)
+    try:
+        assert await service_mod._lsof_holders(files, set(), 30) == [holder.pid]
+        assert await service_mod._lsof_holders(files, {holder.pid}, 30) == []
+        assert await service_mod._lsof_holders([tmp_path / "none.db"], set(), 30) == []
+        # an lsof that fails (or prints something else) is "cannot tell", never "nobody"
+        fake = tmp_path / "bin"
+        fake.mkdir()
+        for code, text in ((2, ""), (1, "lsof: WARNING: something"), (0, "p123")):
+            (fake / "lsof").write_text(f"#!/bin/sh\necho '{text}'\nexit {code}\n")
+            (fake / "lsof").chmod(0o755)
+            monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+            got = await service_mod._lsof_holders(files, set(), 30)
+            assert isinstance(got, str), (code, text, got)
+    finally:
+        holder.terminate()
+        holder.wait(10)
+
+
+def test_only_a_live_daemon_of_ours_is_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale status file whose pid now belongs to another program must not hide that program."""
+    from daemon.status import status_path, write_status
+
+    root = tmp_path / "root"
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        path = status_path(root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_status(path, {"pid": sleeper.pid, "state": "running"})
+        assert service_mod.ours(root) == {os.getpid()}  # `sleep 30` is not our daemon
+        write_status(path, {"pid": os.getppid(), "state": "stopped"})
+        assert service_mod.ours(root) == {os.getpid()}
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
 
 
 async def test_one_service_restored_alone(root: RootInfo, s3_storage: S3Storage) -> None:

@@ -7,9 +7,9 @@ its statements and the wall-clock times just before BEGIN and just after COMMIT.
 log (:func:`replay`) rebuilds the database as of any commit, so a test can compare a restore with
 exactly what the application had committed.
 
-``python -m tests.helpers.writer hold DB READY [--exit-after S]`` is a stand-in tinyserved: it keeps
-DB open (one committed row ``held``), touches READY, and on SIGTERM lingers S seconds like a
-service shutting down, commits ``left`` and exits.
+``python -m tests.helpers.writer hold DB READY [--linger-until FILE]`` is a stand-in tinyserved: it
+keeps DB open (one committed row ``held``), touches READY, and on SIGTERM (like a service shutting
+down slowly) waits for FILE to exist if given, commits ``left`` and exits.
 
 ``python -m tests.helpers.writer ship DB SPOOL (--dir D | --s3 ENDPOINT BUCKET PREFIX)`` runs a
 WAL shipper in its own process, so a test can ``kill -9`` it.
@@ -190,7 +190,10 @@ def hold(args: argparse.Namespace) -> int:
     conn.execute("INSERT INTO holder VALUES ('held', ?)", (time.time(),))
     Path(args.ready).touch()
     signal.sigwait({signal.SIGTERM})
-    time.sleep(args.exit_after)  # the simulated shutdown, not a wait for anything
+    if args.linger_until:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(args.linger_until) and time.monotonic() < deadline:
+            time.sleep(0.01)
     conn.execute("INSERT INTO holder VALUES ('left', ?)", (time.time(),))
     conn.close()
     return 0
@@ -391,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("hold")
     h.add_argument("db")
     h.add_argument("ready")
-    h.add_argument("--exit-after", type=float, default=0.0)
+    h.add_argument("--linger-until", default="")
     s = sub.add_parser("ship")
     s.add_argument("db")
     s.add_argument("spool")
