@@ -34,6 +34,7 @@ import structlog
 import zstandard
 
 from daemon.errors import BackupError, EncryptionError, IntegrityError, RestoreError, UnsafeArchiveError
+from daemon.fsutil import start_writeback
 from daemon.streams import CHUNK, zstd_compressor
 
 log = structlog.get_logger(__name__)
@@ -1413,9 +1414,11 @@ class _Extractor:
         stats: ExtractStats,
         allowed: list[tuple[str, ...]] | None,
         select: list[tuple[str, ...]] | None,
+        durable: bool = False,
     ) -> None:
         self._dest = dest
         self._stats = stats
+        self._durable = durable
         self._allowed = allowed
         self._select = select
         self._dest_fd = -1
@@ -1588,6 +1591,8 @@ class _Extractor:
                 self._stats.bytes_written += len(data)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
+            if self._durable:
+                start_writeback(fd)
         finally:
             os.close(fd)
 
@@ -1763,6 +1768,7 @@ async def extract_stream(
     select_top: set[str] | None = None,
     progress: ProgressCallback | None = None,
     queue_chunks: int = 8,
+    durable: bool = False,
 ) -> ExtractStats:
     """Decompress and untar ``chunks`` into ``dest`` (a staging directory), refusing hostile input.
 
@@ -1777,13 +1783,19 @@ async def extract_stream(
     opinion) and mtimes are restored to the nanosecond; ownership is not changed.
     Damaged or truncated data raises ``IntegrityError``; a full disk ``RestoreError``.  On error
     ``dest`` may hold a partial tree (never anything outside it): discard it.
+    ``durable`` sends each file towards the disk as soon as it is written (see
+    ``fsutil.start_writeback``); the caller then waits with ``fsutil.sync_filesystem``.
     """
     if codec != "auto" and codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; use auto or one of {', '.join(CODECS)}")
     dest = Path(dest)
     stats = ExtractStats()
     extractor = _Extractor(
-        dest, stats, _prefixes(allowed_top, "allowed_top"), _prefixes(select_top, "select_top")
+        dest,
+        stats,
+        _prefixes(allowed_top, "allowed_top"),
+        _prefixes(select_top, "select_top"),
+        durable,
     )
     chan = _InChannel(asyncio.get_running_loop(), queue_chunks)
 

@@ -24,6 +24,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from .backup import CONFIG_DIRS, NoProgress, Progress
 from .cancel import through_cancel
 from .config import Config
 from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
+from .fsutil import fsync_dir, sync_filesystem
 from .manifest import BackupRef, ObjectEntry, find_backup
 from .service import Tinyserved
 from .snapshot import JOURNAL_MODES, integrity_check, set_journal_mode
@@ -150,6 +152,9 @@ class Swap:
                 if os.path.lexists(s):
                     self._move(s, s.with_name(s.name + PRE))
             self._move(item.staged, live)
+        # The renames themselves, durable once the restore reports success.
+        for d in sorted({(root / i.rel).parent for i in items}):
+            fsync_dir(d, strict=False)
         return aside
 
     def rollback(self) -> None:
@@ -344,6 +349,7 @@ class RestoreJob:
                     codec=archive_codec(e),
                     allowed_top=allowed or None,
                     select_top=select,
+                    durable=True,
                 )
             elif e.kind == "images":
                 await self._start_load(plan, e)
@@ -457,7 +463,15 @@ class RestoreJob:
         await asyncio.to_thread(staging.mkdir, mode=0o700)
         try:
             items = await self.stage(plan, staging)
-            log.info("restore_staged", backup=f"{plan.ref.type}/{ts}", items=len(items))
+            # On disk before anything live is renamed: after a power cut the root then holds the
+            # old items or complete new ones, never new names over files the cut left empty.
+            t0 = time.monotonic()
+            try:
+                await asyncio.to_thread(sync_filesystem, staging)
+            except OSError as exc:
+                raise disk_error(exc, staging) from None
+            synced = round(time.monotonic() - t0, 3)
+            log.info("restore_staged", backup=f"{plan.ref.type}/{ts}", items=len(items), sync_s=synced)
             if self.confirm is not None and not await self.confirm(plan):
                 raise RestoreError("restore cancelled; nothing was changed", "")
             return await self._apply(plan, items)

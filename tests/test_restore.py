@@ -422,6 +422,62 @@ def test_only_a_live_daemon_of_ours_is_left_out(tmp_path: Path, monkeypatch: pyt
         sleeper.wait(10)
 
 
+async def test_staged_files_are_on_disk_before_anything_live_is_renamed(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every staged file is sent to disk as it is written, and the restore waits for the disk
+    before the swap: a power cut after it leaves old items or whole new ones, never empty files."""
+    from daemon import archive as archive_mod
+    from daemon import fsutil
+
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("full")
+    live = snapshot(root.path)
+    written: list[int] = []
+    synced: list[tuple[Path, bool]] = []
+
+    def writeback(fd: int) -> None:
+        written.append(fd)
+        fsutil.start_writeback(fd)
+
+    def sync(path: Path) -> None:
+        # called on the staging directory, while the live root is still untouched
+        synced.append((path, snapshot(root.path) == live and ctl_calls() == []))
+        fsutil.sync_filesystem(path)
+
+    monkeypatch.setattr(archive_mod, "start_writeback", writeback)
+    monkeypatch.setattr(restore_mod, "sync_filesystem", sync)
+    with capture_logs() as logs:
+        out = await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    assert out.integrity == "ok"
+    # every file the archives held (state.db is written and fsync'd on its own)
+    extracted = sum(e["files"] for e in logs if e["event"] == "extract_done")
+    assert extracted > 20 and len(written) == extracted
+    assert len(synced) == 1 and synced[0][1]
+    assert synced[0][0].name.startswith(f".{root.path.name}.restore-")
+
+
+def test_sync_filesystem_waits_for_the_disk_and_says_when_it_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon import fsutil
+
+    f = tmp_path / "f"
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"x" * 100_000)
+    fsutil.start_writeback(fd)
+    os.close(fd)
+    fsutil.sync_filesystem(tmp_path)  # the real syncfs here
+    with pytest.raises(OSError):
+        fsutil.sync_filesystem(tmp_path / "missing")
+    monkeypatch.setattr(fsutil, "_syncfs", None)  # as on a system without syncfs: sync()
+    monkeypatch.setattr(fsutil, "_sync_file_range", None)  # and a plain fsync per file
+    fd = os.open(f, os.O_WRONLY)
+    fsutil.start_writeback(fd)
+    os.close(fd)
+    fsutil.sync_filesystem(tmp_path)
+
+
 async def test_one_service_restored_alone(root: RootInfo, s3_storage: S3Storage) -> None:
     cfg = cfg_for(root.path)
     before = tree_digest(root.path / "services" / "blog")
