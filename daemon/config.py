@@ -178,6 +178,9 @@ class Wal(_Model):
     truncate_mb: int = Field(default=64, ge=1)
     poll_interval_seconds: float = Field(default=2.0, gt=0)
     debounce_ms: int = Field(default=50, ge=0)
+    # Under sustained writes, at most one segment upload per interval (a PUT each): the knob
+    # between lag and request count.
+    upload_interval_ms: int = Field(default=200, ge=0, le=3_600_000)
 
     @field_validator("spool_dir", mode="before")
     @classmethod

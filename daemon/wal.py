@@ -317,6 +317,7 @@ class WalOptions:
         w = cfg.wal
         opts = cls(
             debounce=w.debounce_ms / 1000.0,
+            segment_interval=w.upload_interval_ms / 1000.0,
             poll_interval=w.poll_interval_seconds,
             checkpoint_pages=w.checkpoint_pages,
             truncate_bytes=w.truncate_mb * MiB,
