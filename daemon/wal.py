@@ -297,6 +297,9 @@ class WalOptions:
     checkpoint_min_interval: float = 1.0  # between attempts when readers keep the WAL pinned
     truncate_bytes: int = 64 * MiB  # TRUNCATE checkpoint once the -wal file is this large
     snapshot_interval: float = 24 * 3600.0
+    # Also a snapshot once this many segments follow the newest one (0: by time only): under
+    # sustained writes a day of segments is ~400k objects for a restore to fetch one by one.
+    snapshot_after_segments: int = 2000
     retention: float | None = 24 * 3600.0  # PITR window kept by prune_wal after snapshots
     spool_max_bytes: int = 256 * MiB
     # Renewed with uploads once a third of it has passed; an idle shipper lets it lapse (no
@@ -322,6 +325,7 @@ class WalOptions:
             checkpoint_pages=w.checkpoint_pages,
             truncate_bytes=w.truncate_mb * MiB,
             snapshot_interval=w.snapshot_interval_hours * 3600.0,
+            snapshot_after_segments=w.snapshot_after_segments,
             retention=w.retention_hours * 3600.0,
             spool_max_bytes=w.spool_max_mb * MiB,
             compression_level=cfg.compression.level,
@@ -514,6 +518,7 @@ class _Engine:
         self.db_id: tuple[int, int] | None = None  # (device, inode) of the file we have open
         self.generation: str | None = None
         self.next_index = 0
+        self.snapshot_index = 0  # next_index when the generation's newest snapshot was taken
         self.pos: WalPosition | None = None
         self.expect_restart = False
         self.pending: list[tuple[Transaction, datetime]] = []
@@ -772,6 +777,7 @@ class _Engine:
                 "db_path": str(self.db_path),
                 "generation": self.generation,
                 "next_index": self.next_index,
+                "snapshot_index": self.snapshot_index,
                 "position": self.pos.to_dict() if self.pos is not None else None,
                 "last_snapshot_at": format_ts(self.last_snapshot_at) if self.last_snapshot_at else None,
                 "generation_started_at": (
@@ -808,6 +814,7 @@ class _Engine:
                 return False
             self.generation = str(state["generation"])
             self.next_index = int(state["next_index"])
+            self.snapshot_index = int(state.get("snapshot_index") or 0)
             self.pos = pos
             self.expect_restart = False
             if state.get("last_snapshot_at"):
@@ -890,7 +897,11 @@ class _Engine:
         finally:
             tmp_db.unlink(missing_ok=True)
         self.last_snapshot_at = taken_at
+        self.snapshot_index = self.next_index
         self.save_state()
+
+    def segments_since_snapshot(self) -> int:
+        return self.next_index - self.snapshot_index
 
     def _spool_snapshot(self, db_file: Path, taken_at: datetime) -> SpoolEntry:
         assert self.generation is not None
@@ -1470,6 +1481,12 @@ class WalShipper:
             await self._call(eng.checkpoint, step.checkpoint == "truncate")
             self._last_cut_mono = time.monotonic()
             self._check_spool()
+        n = self.opts.snapshot_after_segments
+        if n and not self._snapshot_due and eng.segments_since_snapshot() >= n:
+            log.info(
+                "wal_snapshot_by_segments", generation=eng.generation, segments=eng.segments_since_snapshot()
+            )
+            self._snapshot_due = True
         if self._snapshot_due and self._need_generation is None:
             self._snapshot_due = False
             await self._call(eng.snapshot)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -24,7 +25,7 @@ from daemon.pitr import parse_rfc3339, pitr_window, restore_point_in_time
 from daemon.storage import LocalStorage, S3Storage
 from daemon.wal import SegmentInfo, WalShipper, load_catalog, parse_ts, split_object
 from tests.helpers.s3server import REPO
-from tests.helpers.writer import commit_rows, fast_options, logical_dump, read_log, replay
+from tests.helpers.writer import commit_rows, fast_options, init_db, logical_dump, read_log, replay
 
 
 def run_writer(db: Path, log: Path, *args: str) -> None:
@@ -155,6 +156,33 @@ async def ship_some(db: Path, tmp_path: Path, storage: Any, batches: int = 5, **
     finally:
         await shipper.stop()
     return str(shipper.status()["generation"])
+
+
+async def test_sustained_writes_take_snapshots_so_a_restore_replays_little(
+    db: Path, tmp_path: Path, local_storage: LocalStorage
+) -> None:
+    """`wal.snapshot_after_segments`: a day of non-stop writes must not mean 400k segments to replay."""
+    gen = await ship_some(db, tmp_path, local_storage, batches=14, snapshot_after_segments=4)
+    (g,) = await load_catalog(local_storage)
+    assert g.id == gen and len(g.segments) >= 14
+    assert len(g.snapshots) >= 3  # the first, then one per 4 segments
+    for before, after in zip(g.snapshots, g.snapshots[1:], strict=False):
+        assert after.index - before.index >= 4
+    res = await restore_point_in_time(local_storage, None, tmp_path / "latest.db")
+    assert res.segments_applied <= 6
+    conn = sqlite3.connect(tmp_path / "latest.db")
+    try:
+        assert conn.execute("SELECT count(*) FROM kv").fetchone()[0] == 140
+    finally:
+        conn.close()
+    # off: snapshots by time only
+    (tmp_path / "off").mkdir()
+    init_db(tmp_path / "off" / "state.db")
+    gen2 = await ship_some(
+        tmp_path / "off" / "state.db", tmp_path / "off", local_storage, batches=6, snapshot_after_segments=0
+    )
+    (g2,) = [x for x in await load_catalog(local_storage) if x.id == gen2]
+    assert len(g2.snapshots) == 1
 
 
 async def test_gap_fails_loudly_but_earlier_times_restore(
