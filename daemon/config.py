@@ -171,7 +171,7 @@ class Retention(_Model):
 class Wal(_Model):
     enabled: bool = True
     snapshot_interval_hours: float = Field(default=24, gt=0)
-    snapshot_after_segments: int = Field(default=2000, ge=0)
+    snapshot_after_segments: int = Field(default=10_000, ge=0)
     retention_hours: float = Field(default=24, gt=0)
     spool_dir: Path | None = None
     spool_max_mb: int = Field(default=256, ge=1)

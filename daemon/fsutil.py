@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import secrets
 import sys
@@ -85,24 +86,48 @@ def sync_filesystem(path: Path) -> None:
     """Make everything written so far on ``path``'s filesystem survive a power cut.
 
     Linux: syncfs (that filesystem only). macOS: F_FULLFSYNC, which also empties the drive's own
-    write cache, after the per-file fsyncs of ``start_writeback``. Elsewhere: sync.
+    write cache, after the per-file fsyncs of ``start_writeback``. Elsewhere, or where those are
+    refused (a sandbox's seccomp, a network mount): sync.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
         if _syncfs is not None:
-            if _syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), str(path))
-            return
-        import fcntl
-
-        full = getattr(fcntl, "F_FULLFSYNC", None)
-        if full is not None:
-            try:
-                fcntl.fcntl(fd, full)
+            if _syncfs(fd) == 0:
                 return
-            except OSError:
-                pass  # not supported by this filesystem (network mounts): fall back
+            err = ctypes.get_errno()
+            if err not in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+                raise OSError(err, os.strerror(err), str(path))
+        elif flush_device(fd):
+            return
         os.sync()
     finally:
         os.close(fd)
+
+
+def flush_device(fd: int) -> bool:
+    """macOS: F_FULLFSYNC on ``fd`` (its file, then the drive's write cache, so everything fsync'd
+    before on that drive too). False where there is no such thing or the filesystem refuses it."""
+    import fcntl
+
+    full = getattr(fcntl, "F_FULLFSYNC", None)
+    if full is None:
+        return False
+    try:
+        fcntl.fcntl(fd, full)
+    except OSError:
+        return False
+    return True
+
+
+def sync_renames(directories: list[Path]) -> None:
+    """Make renames into ``directories`` survive a power cut (each fsync'd; on macOS the drive's
+    cache flushed too, which a plain fsync there does not do)."""
+    for d in directories:
+        fsync_dir(d, strict=False)
+    if directories:
+        with contextlib.suppress(OSError):
+            fd = os.open(directories[0], os.O_RDONLY)
+            try:
+                flush_device(fd)
+            finally:
+                os.close(fd)

@@ -37,7 +37,7 @@ from .backup import CONFIG_DIRS, NoProgress, Progress
 from .cancel import through_cancel
 from .config import Config
 from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
-from .fsutil import fsync_dir, sync_filesystem
+from .fsutil import sync_filesystem, sync_renames
 from .manifest import BackupRef, ObjectEntry, find_backup
 from .service import Tinyserved
 from .snapshot import JOURNAL_MODES, integrity_check, set_journal_mode
@@ -152,9 +152,9 @@ class Swap:
                 if os.path.lexists(s):
                     self._move(s, s.with_name(s.name + PRE))
             self._move(item.staged, live)
-        # The renames themselves, durable once the restore reports success.
-        for d in sorted({(root / i.rel).parent for i in items}):
-            fsync_dir(d, strict=False)
+        # The renames themselves, durable once the restore reports success (the root's parent
+        # too: the root may be new).
+        sync_renames(sorted({root.parent, *((root / i.rel).parent for i in items)}))
         return aside
 
     def rollback(self) -> None:

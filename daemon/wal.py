@@ -299,7 +299,7 @@ class WalOptions:
     snapshot_interval: float = 24 * 3600.0
     # Also a snapshot once this many segments follow the newest one (0: by time only): under
     # sustained writes a day of segments is ~400k objects for a restore to fetch one by one.
-    snapshot_after_segments: int = 2000
+    snapshot_after_segments: int = 10_000
     retention: float | None = 24 * 3600.0  # PITR window kept by prune_wal after snapshots
     spool_max_bytes: int = 256 * MiB
     # Renewed with uploads once a third of it has passed; an idle shipper lets it lapse (no
@@ -854,6 +854,7 @@ class _Engine:
         self.generation = gen
         self.generation_started_at = taken_at
         self.next_index = 0
+        self.snapshot_index = 0
         self.pos = r.position
         self.expect_restart = True
         self.pending = []
@@ -864,12 +865,13 @@ class _Engine:
         self.save_state()
         log.info("wal_generation_started", generation=gen, reason=reason, snapshot_bytes=self.outbox[-1].size)
 
-    def snapshot(self) -> None:
-        """A fresh snapshot within the current generation, at the current end of the WAL."""
+    def snapshot(self) -> bool:
+        """A fresh snapshot within the current generation, at the current end of the WAL; False
+        when none was taken (no generation, or the writer held its lock all along)."""
         if self.broken is not None or self.generation is None:
-            return
+            return False
         if not self._lock_writes(self.opts.lock_timeout):
-            return
+            return False
         try:
             self._read()
             taken_at = self._observe()
@@ -881,6 +883,7 @@ class _Engine:
         # Spooling needs no lock: the frames are in memory, and R now pins exactly their end.
         self._cut()
         self._snapshot(taken_at)
+        return True
 
     def _snapshot(self, taken_at: datetime) -> None:
         """Back up the database as R sees it (R's read transaction is at ``self.pos``)."""
@@ -969,6 +972,7 @@ class _Engine:
         self.generation = new_generation_id(taken_at)
         self.generation_started_at = taken_at
         self.next_index = 0
+        self.snapshot_index = 0
         self.pos = None
         src = sqlite3.connect(
             f"{self.db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=self.opts.lock_timeout
@@ -1099,6 +1103,8 @@ class WalShipper:
         self._last_cut_mono = 0.0
         self._force_cut = False
         self._snapshot_due = False
+        self._count_snapshot_after = 0.0  # monotonic time before which no count-triggered snapshot
+        self._count_snapshot_backoff = 0.0
         self._need_generation: str | None = None
         self._stopping = False
         self._started = False
@@ -1482,14 +1488,33 @@ class WalShipper:
             self._last_cut_mono = time.monotonic()
             self._check_spool()
         n = self.opts.snapshot_after_segments
-        if n and not self._snapshot_due and eng.segments_since_snapshot() >= n:
+        if (
+            n
+            and not self._snapshot_due
+            and eng.segments_since_snapshot() >= n
+            and time.monotonic() >= self._count_snapshot_after
+            # One at a time: while storage is down, a snapshot per N segments would fill the
+            # spool with copies of the database (its bound counts segments only).
+            and not any(e.kind == "snapshot" for e in self._queue)
+        ):
             log.info(
                 "wal_snapshot_by_segments", generation=eng.generation, segments=eng.segments_since_snapshot()
             )
             self._snapshot_due = True
         if self._snapshot_due and self._need_generation is None:
             self._snapshot_due = False
-            await self._call(eng.snapshot)
+            if await self._call(eng.snapshot):
+                self._count_snapshot_backoff = 0.0
+            else:
+                # The writer held its lock for lock_timeout: try again later, not at every commit
+                # (each try holds the reader that long), a little later each time.
+                self._count_snapshot_backoff = min(
+                    300.0, max(self.opts.poll_interval, 2 * self._count_snapshot_backoff)
+                )
+                self._count_snapshot_after = time.monotonic() + self._count_snapshot_backoff
+                log.info(
+                    "wal_snapshot_postponed", reason="writer busy", retry_in_s=self._count_snapshot_backoff
+                )
             self._last_cut_mono = time.monotonic()
             self._check_spool()
 

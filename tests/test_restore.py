@@ -460,6 +460,8 @@ async def test_staged_files_are_on_disk_before_anything_live_is_renamed(
 def test_sync_filesystem_waits_for_the_disk_and_says_when_it_cannot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import ctypes
+
     from daemon import fsutil
 
     f = tmp_path / "f"
@@ -468,14 +470,30 @@ def test_sync_filesystem_waits_for_the_disk_and_says_when_it_cannot(
     fsutil.start_writeback(fd)
     os.close(fd)
     fsutil.sync_filesystem(tmp_path)  # the real syncfs here
-    with pytest.raises(OSError):
-        fsutil.sync_filesystem(tmp_path / "missing")
-    monkeypatch.setattr(fsutil, "_syncfs", None)  # as on a system without syncfs: sync()
+    synced: list[bool] = []
+    monkeypatch.setattr(os, "sync", lambda: synced.append(True))
+
+    def failing(code: int) -> Any:
+        def syncfs(fd: int) -> int:
+            ctypes.set_errno(code)
+            return -1
+
+        return syncfs
+
+    monkeypatch.setattr(fsutil, "_syncfs", failing(errno.EIO))  # the disk failed: say so
+    with pytest.raises(OSError) as ei:
+        fsutil.sync_filesystem(tmp_path)
+    assert ei.value.errno == errno.EIO and synced == []
+    monkeypatch.setattr(fsutil, "_syncfs", failing(errno.ENOSYS))  # refused (seccomp): sync()
+    fsutil.sync_filesystem(tmp_path)
+    assert synced == [True]
+    monkeypatch.setattr(fsutil, "_syncfs", None)  # no syncfs, no F_FULLFSYNC (Linux): sync()
     monkeypatch.setattr(fsutil, "_sync_file_range", None)  # and a plain fsync per file
     fd = os.open(f, os.O_WRONLY)
     fsutil.start_writeback(fd)
     os.close(fd)
     fsutil.sync_filesystem(tmp_path)
+    assert synced == [True, True]
 
 
 async def test_one_service_restored_alone(root: RootInfo, s3_storage: S3Storage) -> None:
