@@ -439,6 +439,12 @@ def prune_cmd(obj: Ctx, dry_run: bool, as_json: bool) -> None:
 @click.option(
     "--output", type=click.Path(dir_okay=False), help="With --at/--latest: write the database here."
 )
+@click.option(
+    "--clean-up",
+    "clean_up",
+    is_flag=True,
+    help="Delete the previous state kept as *.pre-restore (and what interrupted restores left).",
+)
 @click.option("--yes", is_flag=True, help="Do not ask; required without a terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
@@ -450,11 +456,17 @@ def restore_cmd(
     at: str | None,
     latest: bool,
     output: str | None,
+    clean_up: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
     """Restore backup TIMESTAMP (see `list`), or state.db to a point in time (--at/--latest)."""
     cfg = obj.config()
+    if clean_up:
+        if timestamp or btype or services or at or latest or output:
+            raise UsageError("--clean-up takes no backup, time or output", "run it on its own")
+        _restore_clean_up(cfg, yes=yes, as_json=as_json)
+        return
     if at or latest:
         if timestamp or btype or services:
             raise UsageError("--at/--latest restore state.db from the WAL; they take no TIMESTAMP or type")
@@ -536,6 +548,54 @@ def _print_restore(result: Any, as_json: bool, interrupted: bool = False) -> Non
         if result.kept_aside:
             click.echo(f"Previous state kept as: {', '.join(result.kept_aside)}")
         click.echo(f"Database integrity: {result.integrity}")
+
+
+def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
+    """Delete what earlier restores kept aside; asks first (on a terminal) or needs --yes."""
+    from .lock import root_lock
+    from .restore import remove_leftovers, restore_leftovers, tree_bytes
+
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+
+    async def go() -> dict[str, Any]:
+        # Under the root's lock: a restore in progress owns its staging directory and trash.
+        async with root_lock(cfg.root, "restore --clean-up", wait=cfg.schedule.lock_wait_seconds):
+            found = await asyncio.to_thread(restore_leftovers, cfg.root)
+            sizes = [await asyncio.to_thread(tree_bytes, p) for p in found]
+            names = [_relative_to_root(p, cfg.root) for p in found]
+            if found and not yes:
+                if not interactive:
+                    total = human_size(sum(sizes))
+                    raise UsageError(
+                        f"this deletes {len(found)} item(s) kept by earlier restores ({total})",
+                        "run it in a terminal or add --yes",
+                    )
+                click.echo(f"Kept by earlier restores in {cfg.root}:", err=True)
+                for n, b in zip(names, sizes, strict=True):
+                    click.echo(f"  {n}  {human_size(b)}", err=True)
+                if not await asyncio.to_thread(click.confirm, "Delete them?", default=False, err=True):
+                    from .errors import RestoreError
+
+                    raise RestoreError("clean-up cancelled; nothing was deleted", "")
+            await asyncio.to_thread(remove_leftovers, found)
+            if found:
+                log.info("restore_leftovers_removed", items=names, size_bytes=sum(sizes))
+            return {"root": str(cfg.root), "removed": names, "size_bytes": sum(sizes)}
+
+    result = run_async(go)
+    if as_json:
+        echo_json(result)
+    elif result["removed"]:
+        click.echo(f"Removed {', '.join(result['removed'])} ({human_size(result['size_bytes'])} freed).")
+    else:
+        click.echo(f"Nothing kept by earlier restores in {cfg.root}.")
+
+
+def _relative_to_root(p: Path, root: Path) -> str:
+    try:
+        return str(p.relative_to(root))
+    except ValueError:
+        return str(p)  # beside the root (a staging directory)
 
 
 def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool, as_json: bool) -> None:

@@ -37,7 +37,7 @@ from .backup import CONFIG_DIRS, NoProgress, Progress
 from .cancel import through_cancel
 from .config import Config
 from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
-from .fsutil import sync_filesystem, sync_renames
+from .fsutil import fsync_dir, sync_filesystem, sync_renames
 from .manifest import BackupRef, ObjectEntry, find_backup
 from .service import Tinyserved
 from .snapshot import JOURNAL_MODES, integrity_check, set_journal_mode
@@ -551,6 +551,46 @@ class RestoreJob:
             warnings=self.warnings,
             kept_aside=aside,
         )
+
+
+def restore_leftovers(root: Path) -> list[Path]:
+    """What earlier restores left: the replaced items kept as ``*.pre-restore`` (at the top of the
+    root and under services/), and what an interrupted restore could not remove (the trash of a
+    previous restore's leftovers, a staging directory beside the root, a staged point-in-time db).
+    """
+    found: list[Path] = []
+    for d in (root, root / "services"):
+        if d.is_dir() and not d.is_symlink():
+            for p in sorted(d.iterdir()):
+                if p.name.endswith(PRE) or (
+                    d == root and p.name.startswith((".restore-trash-", ".state.db.pitr-"))
+                ):
+                    found.append(p)
+    if root.parent.is_dir():
+        found += sorted(p for p in root.parent.iterdir() if p.name.startswith(f".{root.name}.restore-"))
+    return found
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes under ``path`` (links not followed)."""
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def remove_leftovers(paths: list[Path]) -> None:
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    for d in sorted({p.parent for p in paths}):
+        fsync_dir(d, strict=False)
 
 
 async def swap_database(

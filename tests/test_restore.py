@@ -715,6 +715,51 @@ async def test_restore_onto_new_machine_via_cli(
     assert "deep:" in res.stdout
 
 
+def test_clean_up_deletes_what_restores_kept_aside_and_nothing_live(
+    tmp_path: Path, s3_server: MotoServer, bucket: str, root: RootInfo
+) -> None:
+    """The issue's "kept until the next successful restore or an explicit clean-up"."""
+    cfgp = tmp_path / "cfg.yaml"
+    cfgp.write_text(
+        f"root: {root.path}\n"
+        f"destination:\n  url: s3://{bucket}/tb\n  endpoint: {s3_server.endpoint}\n  addressing_style: path\n"
+        "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
+    )
+    res = run_cli("--config", str(cfgp), "restore", "--clean-up", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["removed"] == []
+    res = run_cli("--config", str(cfgp), "create", "--full", "--json")
+    ts = json.loads(res.stdout)["timestamp"]
+    service = sorted(p.name for p in (root.path / "services").iterdir())[0]
+    for args in (["--full"], ["--full", "--service", service]):
+        res = run_cli("--config", str(cfgp), "restore", ts, *args, "--yes")
+        assert res.returncode == 0, res.stderr
+    # what an interrupted restore could leave: its staging directory beside the root
+    stale = root.path.parent / f".{root.path.name}.restore-deadbeef"
+    (stale / "parts").mkdir(parents=True)
+    live = snapshot(root.path)
+    kept = sorted(p.name for p in root.path.iterdir() if p.name.endswith(".pre-restore"))
+    # a full restore replaces each service's directory on its own
+    svc_kept = sorted(f"services/{p.name}" for p in (root.path / "services").glob("*.pre-restore"))
+    assert f"services/{service}.pre-restore" in svc_kept
+    assert "state.db.pre-restore" in kept and (root.path / "services" / f"{service}.pre-restore").is_dir()
+
+    res = run_cli("--config", str(cfgp), "restore", "--clean-up")  # no terminal, no --yes
+    assert res.returncode != 0 and "--yes" in res.stderr and "kept by earlier restores" in res.stderr
+    assert stale.exists() and (root.path / "state.db.pre-restore").exists()
+    res = run_cli("--config", str(cfgp), "restore", "--clean-up", "--yes", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    expected = [*kept, *svc_kept, str(stale)]
+    assert sorted(out["removed"]) == sorted(expected), (out["removed"], expected)
+    assert out["size_bytes"] > 0
+    assert not stale.exists()
+    assert not [p for p in root.path.rglob("*.pre-restore")]
+    assert snapshot(root.path) == live  # nothing live touched
+    res = run_cli("--config", str(cfgp), "restore", "--clean-up", ts)
+    assert res.returncode != 0 and "takes no backup" in res.stderr
+
+
 def test_full_disk_while_staging(tmp_path: Path, s3_server: MotoServer, bucket: str) -> None:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root to mount a small tmpfs")
