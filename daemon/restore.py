@@ -563,7 +563,9 @@ def restore_leftovers(root: Path) -> list[Path]:
         if d.is_dir() and not d.is_symlink():
             for p in sorted(d.iterdir()):
                 if p.name.endswith(PRE) or (
-                    d == root and p.name.startswith((".restore-trash-", ".state.db.pitr-"))
+                    # (the point-in-time restore's staged db, and its own temporary files)
+                    d == root
+                    and p.name.startswith((".restore-trash-", ".state.db.pitr-", "..state.db.pitr-"))
                 ):
                     found.append(p)
     if root.parent.is_dir():

@@ -738,6 +738,10 @@ def test_clean_up_deletes_what_restores_kept_aside_and_nothing_live(
     stale = root.path.parent / f".{root.path.name}.restore-deadbeef"
     (stale / "parts").mkdir(parents=True)
     live = snapshot(root.path)
+    # and a killed point-in-time restore: its staged database and a download of its own
+    pitr = [".state.db.pitr-999", "..state.db.pitr-999.pitr-abcd1234.download"]
+    for name in pitr:
+        (root.path / name).write_bytes(b"x")
     kept = sorted(p.name for p in root.path.iterdir() if p.name.endswith(".pre-restore"))
     # a full restore replaces each service's directory on its own
     svc_kept = sorted(f"services/{p.name}" for p in (root.path / "services").glob("*.pre-restore"))
@@ -750,7 +754,7 @@ def test_clean_up_deletes_what_restores_kept_aside_and_nothing_live(
     res = run_cli("--config", str(cfgp), "restore", "--clean-up", "--yes", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    expected = [*kept, *svc_kept, str(stale)]
+    expected = [*kept, *svc_kept, *pitr, str(stale)]
     assert sorted(out["removed"]) == sorted(expected), (out["removed"], expected)
     assert out["size_bytes"] > 0
     assert not stale.exists()
