@@ -209,11 +209,32 @@ def status_command(cfg: Any, as_json: bool) -> tuple[str, int]:
     # the daemon's own clock (the same test-only offset, if one is set) so ages agree with it
     now = Clock.from_env().now()
     d = describe(read_status(path), path, now)
+    kept = _restore_leftovers(cfg.root)
+    if kept is not None:
+        d["restore_leftovers"] = kept
     if as_json:
         text = json.dumps(d, indent=2, default=str)
     else:
         text = render_human(d, now)
+        if kept is not None:
+            text += (
+                f"\nkept by earlier restores: {kept['items']} item(s), {_size(kept['size_bytes'])}"
+                " (remove with `tinyserve-backup restore --clean-up`)"
+            )
     return text, (0 if d.get("running") else 3)
+
+
+def _restore_leftovers(root: Path) -> dict[str, int] | None:
+    """What restores kept aside under ``root`` (*.pre-restore and such), so users learn of it."""
+    from .restore import restore_leftovers, tree_bytes  # (restore imports this module's users)
+
+    try:
+        found = restore_leftovers(root)
+        if not found:
+            return None
+        return {"items": len(found), "size_bytes": sum(tree_bytes(p) for p in found)}
+    except OSError:
+        return None  # an unreadable root says nothing here; the other commands will
 
 
 def remove_status(path: Path) -> None:

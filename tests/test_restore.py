@@ -748,6 +748,8 @@ def test_clean_up_deletes_what_restores_kept_aside_and_nothing_live(
     assert f"services/{service}.pre-restore" in svc_kept
     assert "state.db.pre-restore" in kept and (root.path / "services" / f"{service}.pre-restore").is_dir()
 
+    res = run_cli("--config", str(cfgp), "status")  # where users learn of them
+    assert "kept by earlier restores:" in res.stdout and "restore --clean-up" in res.stdout
     res = run_cli("--config", str(cfgp), "restore", "--clean-up")  # no terminal, no --yes
     assert res.returncode != 0 and "--yes" in res.stderr and "kept by earlier restores" in res.stderr
     assert stale.exists() and (root.path / "state.db.pre-restore").exists()
@@ -760,6 +762,8 @@ def test_clean_up_deletes_what_restores_kept_aside_and_nothing_live(
     assert not stale.exists()
     assert not [p for p in root.path.rglob("*.pre-restore")]
     assert snapshot(root.path) == live  # nothing live touched
+    res = run_cli("--config", str(cfgp), "status", "--json")
+    assert "restore_leftovers" not in json.loads(res.stdout)
     res = run_cli("--config", str(cfgp), "restore", "--clean-up", ts)
     assert res.returncode != 0 and "takes no backup" in res.stderr
 
