@@ -445,11 +445,6 @@ def prune_cmd(obj: Ctx, dry_run: bool, as_json: bool) -> None:
     is_flag=True,
     help="Delete the previous state kept as *.pre-restore (and what interrupted restores left).",
 )
-@click.option(
-    "--undo",
-    is_flag=True,
-    help="Put back what the last restore replaced (kept as *.pre-restore); run again to redo.",
-)
 @click.option("--yes", is_flag=True, help="Do not ask; required without a terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
@@ -462,20 +457,15 @@ def restore_cmd(
     latest: bool,
     output: str | None,
     clean_up: bool,
-    undo: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
     """Restore backup TIMESTAMP (see `list`), or state.db to a point in time (--at/--latest)."""
     cfg = obj.config()
-    if clean_up or undo:
-        what = "--clean-up" if clean_up else "--undo"
-        if timestamp or btype or services or at or latest or output or (clean_up and undo):
-            raise UsageError(f"{what} takes no backup, time or output", "run it on its own")
-        if clean_up:
-            _restore_clean_up(cfg, yes=yes, as_json=as_json)
-        else:
-            _restore_undo(cfg, yes=yes, as_json=as_json)
+    if clean_up:
+        if timestamp or btype or services or at or latest or output:
+            raise UsageError("--clean-up takes no backup, time or output", "run it on its own")
+        _restore_clean_up(cfg, yes=yes, as_json=as_json)
         return
     if at or latest:
         if timestamp or btype or services:
@@ -599,46 +589,6 @@ def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
         click.echo(f"Removed {', '.join(result['removed'])} ({human_size(result['size_bytes'])} freed).")
     else:
         click.echo(f"Nothing kept by earlier restores in {cfg.root}.")
-
-
-def _restore_undo(cfg: Config, *, yes: bool, as_json: bool) -> None:
-    """Put back what the last restore kept aside; asks first (on a terminal) or needs --yes."""
-    from .lock import root_lock
-    from .restore import undo_restore, undoable
-
-    interactive = sys.stdin.isatty() and sys.stderr.isatty()
-
-    async def go() -> dict[str, Any]:
-        async with root_lock(cfg.root, "restore --undo", wait=cfg.schedule.lock_wait_seconds):
-            rels = await asyncio.to_thread(undoable, cfg.root)
-            if rels and not yes:
-                if not interactive:
-                    raise UsageError(
-                        f"undo replaces live data ({', '.join(rels)}) and needs confirmation",
-                        "run it in a terminal or add --yes",
-                    )
-                click.echo(
-                    f"This stops tinyserved and puts back {', '.join(rels)} in {cfg.root} as they were "
-                    "before the last restore; the restored ones are kept as *.pre-restore.",
-                    err=True,
-                )
-                if not await asyncio.to_thread(click.confirm, "Continue?", default=False, err=True):
-                    from .errors import RestoreError
-
-                    raise RestoreError("undo cancelled; nothing was changed", "")
-            return await undo_restore(cfg)
-
-    result = run_async(go)
-    if as_json:
-        echo_json(result)
-        return
-    if result.get("warning"):
-        click.echo(f"warning: {result['warning']}", err=True)
-    click.echo(
-        f"Put back {', '.join(result['put_back'])}; the restored state is now kept as *.pre-restore "
-        "(`restore --undo` again returns to it)."
-    )
-    click.echo(f"Database integrity: {result['integrity']}")
 
 
 def _relative_to_root(p: Path, root: Path) -> str:

@@ -157,24 +157,6 @@ class Swap:
         sync_renames(sorted({root.parent, *((root / i.rel).parent for i in items)}))
         return aside
 
-    def exchange(self, rels: list[str], holding: Path) -> None:
-        """Undo: each item trades places with its ``*.pre-restore`` (the database together with its
-        -wal/-shm: each old file comes back with the side files it was kept with). Journaled like
-        ``apply``; nothing is deleted, so a second exchange returns to where the first began."""
-        for n, rel in enumerate(rels):
-            live = self.root / rel
-            names = [live.name, *(DB_SIDE_FILES if rel == "state.db" else ())]
-            for name in names:
-                cur, old = live.with_name(name), live.with_name(name + PRE)
-                held = holding / str(n) / name
-                if os.path.lexists(cur):
-                    self._move(cur, held)
-                if os.path.lexists(old):
-                    self._move(old, cur)
-                if os.path.lexists(held):
-                    self._move(held, old)
-        sync_renames(sorted({self.root.parent, *((self.root / r).parent for r in rels)}))
-
     def rollback(self) -> None:
         for src, dst in reversed(self.journal):
             try:
@@ -569,77 +551,6 @@ class RestoreJob:
             warnings=self.warnings,
             kept_aside=aside,
         )
-
-
-def undoable(root: Path) -> list[str]:
-    """Root-relative items an undo would put back: those kept as ``*.pre-restore`` (the database's
-    side files travel with it)."""
-    side = {n + PRE for n in DB_SIDE_FILES}
-    out = []
-    for d in (root, root / "services"):
-        if d.is_dir() and not d.is_symlink():
-            for p in sorted(d.iterdir()):
-                if p.name.endswith(PRE) and p.name not in side:
-                    out.append(str(p.relative_to(root))[: -len(PRE)])
-    return out
-
-
-async def undo_restore(cfg: Config, tinyserved: Tinyserved | None = None) -> dict[str, Any]:
-    """Put back what the last restore replaced; what it restored is then kept as ``*.pre-restore``.
-
-    tinyserved is stopped (and must let go of state.db) and started again, as for a restore; a
-    failure or Ctrl-C during the renames puts everything back first.
-    """
-    root = cfg.root
-    ts = tinyserved or Tinyserved.from_config(cfg)
-    rels = await asyncio.to_thread(undoable, root)
-    if not rels:
-        raise RestoreError(
-            f"nothing to undo: no *.pre-restore items in {root}",
-            "an undo puts back what a restore kept aside; `tinyserve-backup restore --clean-up` removes it",
-        )
-    log.info("restore_undo_started", items=rels)
-    swap = Swap(root)
-    holding = root / f".undo-{secrets.token_hex(4)}"
-    _, cancelled = await through_cancel(ts.stop())
-    if not cancelled:
-        try:
-            if "state.db" in rels:
-                await ts.wait_released(root / "state.db")
-            _, cancelled = await through_cancel(asyncio.to_thread(swap.exchange, rels, holding))
-        except BaseException:
-            await _undo(swap, ts)  # (the rollback moves back through the holding directory)
-            await asyncio.to_thread(_remove_empty_dirs, holding)
-            raise
-    if cancelled:
-        await _undo(swap, ts)
-        await asyncio.to_thread(_remove_empty_dirs, holding)
-        raise asyncio.CancelledError
-    await asyncio.to_thread(_remove_empty_dirs, holding)
-    integrity = "not restored"
-    if "state.db" in rels and await asyncio.to_thread((root / "state.db").exists):
-        integrity = await asyncio.to_thread(integrity_check, root / "state.db")
-    late = await start_on_new_state(Swap(root), ts)  # (an empty trash: nothing to discard)
-    ok, status = await ts.wait_ready()
-    log.info("restore_undone", items=rels, integrity=integrity)
-    result = {"root": str(root), "put_back": rels, "integrity": integrity, "tinyserve_status": status}
-    if not ok:
-        result["warning"] = f"tinyserve status reports a problem: {status[-200:]}"
-    if late:
-        raise asyncio.CancelledError
-    return result
-
-
-def _remove_empty_dirs(top: Path) -> None:
-    """Remove ``top`` and its subdirectories if (and only as far as) they are empty: files left in
-    a holding directory are someone's data (a rollback step that failed) and stay, reported."""
-    if not top.is_dir():
-        return
-    for dirpath, _dirs, _files in os.walk(top, topdown=False):
-        with contextlib.suppress(OSError):
-            os.rmdir(dirpath)
-    if top.exists():
-        log.error("restore_undo_left_files", where=str(top), fix="move them back by hand")
 
 
 def restore_leftovers(root: Path) -> list[Path]:

@@ -496,85 +496,6 @@ def test_sync_filesystem_waits_for_the_disk_and_says_when_it_cannot(
     assert synced == [True, True]
 
 
-def commit_and_die(db: Path, sql: str) -> None:
-    """Commit ``sql`` in a process that exits without closing: the commit stays in the -wal file."""
-    code = (
-        "import os, sqlite3, sys\n"
-        "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-        "c.execute('PRAGMA wal_autocheckpoint=0')\n"
-        "c.execute(sys.argv[2])\n"
-        "os._exit(0)\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(db), sql], check=True, timeout=30)
-
-
-async def test_undo_puts_back_what_the_restore_replaced_and_redo_returns(
-    root: RootInfo, s3_storage: S3Storage
-) -> None:
-    import sqlite3
-
-    cfg = cfg_for(root.path)
-    res = await BackupJob(cfg, s3_storage).run("partial")
-    restored = snapshot(root.path)
-    # the live state moves on: a config change, and a commit that is still only in the -wal
-    (root.path / "generated" / "docker-compose.yml").write_text("services: {}\n")
-    commit_and_die(root.db_path, "CREATE TABLE later (x)")
-    assert (root.path / "state.db-wal").stat().st_size > 0
-    before = snapshot(root.path)
-    assert before != restored
-    await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
-    assert snapshot(root.path) == restored and ctl_calls() == [["stop"], ["start"]]
-
-    out = await restore_mod.undo_restore(cfg)
-    assert sorted(out["put_back"]) == ["backups", "cloudflared", "generated", "state.db", "traefik"]
-    assert out["integrity"] == "ok"
-    assert snapshot(root.path) == before  # the old database came back with its -wal
-    conn = sqlite3.connect(root.db_path)
-    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'later'").fetchone()[0] == 1
-    conn.close()
-    assert (root.path / "generated.pre-restore" / "docker-compose.yml").read_text() != "services: {}\n"
-    assert ctl_calls() == [["stop"], ["start"]] * 2
-    assert not [p for p in root.path.iterdir() if p.name.startswith(".undo-")]
-
-    await restore_mod.undo_restore(cfg)  # and again: back to the restored state
-    assert snapshot(root.path) == restored
-
-
-async def test_an_undo_that_fails_half_way_puts_everything_back(
-    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cfg = cfg_for(root.path)
-    res = await BackupJob(cfg, s3_storage).run("partial")
-    (root.path / "generated" / "docker-compose.yml").write_text("services: {}\n")
-    await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
-    live = snapshot(root.path)
-
-    def aside() -> dict[str, object]:
-        return {
-            p.name: tree_digest(p) if p.is_dir() else p.read_bytes()
-            for p in root.path.iterdir()
-            if p.name.endswith(".pre-restore")
-        }
-
-    kept = aside()
-    real_move = Swap._move
-    moves: list[Path] = []
-
-    def failing_move(self: Swap, src: Path, dst: Path) -> None:
-        moves.append(src)
-        if len(moves) == 7:  # in the middle of the third item
-            raise OSError(errno.EIO, "Input/output error")
-        real_move(self, src, dst)
-
-    monkeypatch.setattr(Swap, "_move", failing_move)
-    with pytest.raises(OSError):
-        await restore_mod.undo_restore(cfg)
-    assert snapshot(root.path) == live
-    assert aside() == kept and len(kept) >= 5
-    assert not [p for p in root.path.iterdir() if p.name.startswith(".undo-")]
-    assert ctl_calls()[-2:] == [["stop"], ["start"]]
-
-
 async def test_one_service_restored_alone(root: RootInfo, s3_storage: S3Storage) -> None:
     cfg = cfg_for(root.path)
     before = tree_digest(root.path / "services" / "blog")
@@ -845,33 +766,6 @@ def test_clean_up_deletes_what_restores_kept_aside_and_nothing_live(
     assert "restore_leftovers" not in json.loads(res.stdout)
     res = run_cli("--config", str(cfgp), "restore", "--clean-up", ts)
     assert res.returncode != 0 and "takes no backup" in res.stderr
-
-
-def test_undo_via_cli_asks_puts_back_and_says_when_there_is_nothing(
-    tmp_path: Path, s3_server: MotoServer, bucket: str, root: RootInfo
-) -> None:
-    cfgp = tmp_path / "cfg.yaml"
-    cfgp.write_text(
-        f"root: {root.path}\n"
-        f"destination:\n  url: s3://{bucket}/tb\n  endpoint: {s3_server.endpoint}\n  addressing_style: path\n"
-        "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
-    )
-    ts = json.loads(run_cli("--config", str(cfgp), "create", "--partial", "--json").stdout)["timestamp"]
-    (root.path / "generated" / "docker-compose.yml").write_text("services: {}\n")
-    before = snapshot(root.path)
-    assert run_cli("--config", str(cfgp), "restore", ts, "--yes").returncode == 0
-    restored = snapshot(root.path)
-    res = run_cli("--config", str(cfgp), "restore", "--undo")  # no terminal, no --yes
-    assert res.returncode != 0 and "--yes" in res.stderr and snapshot(root.path) == restored
-    res = run_cli("--config", str(cfgp), "restore", "--undo", "--yes")
-    assert res.returncode == 0, res.stderr
-    assert "Put back" in res.stdout and "generated" in res.stdout
-    assert snapshot(root.path) == before
-    assert run_cli("--config", str(cfgp), "restore", "--clean-up", "--yes").returncode == 0
-    res = run_cli("--config", str(cfgp), "restore", "--undo", "--yes")
-    assert res.returncode != 0 and "nothing to undo" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("--config", str(cfgp), "restore", "--undo", "--clean-up")
-    assert res.returncode != 0 and "on its own" in res.stderr
 
 
 def test_full_disk_while_staging(tmp_path: Path, s3_server: MotoServer, bucket: str) -> None:
