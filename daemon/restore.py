@@ -157,24 +157,47 @@ class Swap:
         sync_renames(sorted({root.parent, *((root / i.rel).parent for i in items)}))
         return aside
 
-    def rollback(self) -> None:
-        for src, dst in reversed(self.journal):
+    def rollback(self) -> list[str]:
+        """Move everything back, newest first; returns the moves it could not make ("dst -> src").
+
+        It never deletes. Something found where an item must go back is renamed aside, not
+        removed (it may be the user's data). A move that fails stops the rollback there: each
+        earlier move would go onto a path the failed one still occupies, so carrying on would
+        push user data out of the way or worse.
+        """
+        while self.journal:
+            src, dst = self.journal[-1]
             try:
                 if os.path.lexists(src):
-                    # Something new sits where the old item was; keep it out of the way.
-                    shutil.rmtree(src) if src.is_dir() and not src.is_symlink() else src.unlink()
+                    aside = src.with_name(f"{src.name}.rollback-conflict-{secrets.token_hex(4)}")
+                    os.rename(src, aside)
+                    log.error("rollback_conflict_kept", path=str(src), kept_as=str(aside))
                 os.rename(dst, src)
             except OSError as exc:
-                log.error("rollback_step_failed", src=str(src), dst=str(dst), error=str(exc))
-        self.journal.clear()
+                left = [f"{d} -> {s}" for s, d in reversed(self.journal)]
+                log.error("rollback_stopped", src=str(src), dst=str(dst), error=str(exc), left=left)
+                return left
+            self.journal.pop()
+        return []
 
     def discard_trash(self) -> None:
         shutil.rmtree(self.trash, ignore_errors=True)
 
 
 async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
-    """Move everything back and start tinyserved again, whatever interrupts meanwhile."""
-    await through_cancel(asyncio.to_thread(swap.rollback))
+    """Move everything back and start tinyserved again, whatever interrupts meanwhile.
+
+    If some move cannot be undone, tinyserved stays stopped (its state is half old, half new) and
+    the error says which moves are left, for a person to make.
+    """
+    left, _ = await through_cancel(asyncio.to_thread(swap.rollback))
+    if left:
+        raise RestoreError(
+            f"the restore failed and could not put everything back; tinyserved was left stopped. "
+            f"Still to move back (newest first): {'; '.join(left)}",
+            "make those moves by hand (mv), then start tinyserved; the log event rollback_stopped "
+            "has the details",
+        )
     with contextlib.suppress(BackupError):
         await through_cancel(tinyserved.start())
 

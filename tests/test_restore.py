@@ -496,6 +496,42 @@ def test_sync_filesystem_waits_for_the_disk_and_says_when_it_cannot(
     assert synced == [True, True]
 
 
+async def test_a_rollback_that_cannot_finish_deletes_nothing_and_says_what_is_left(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A swap fails, then one move back fails too: later moves back would go onto paths that one
+    still holds. Before, the next step deleted whatever sat there, which was the live data."""
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    (root.path / "generated" / "docker-compose.yml").write_text("services: {}\n")  # the live state
+    older = root.path / "generated.pre-restore"  # an earlier restore's: goes to the trash first
+    older.mkdir()
+    (older / "note").write_text("older")
+    real_move, real_rename = Swap._move, os.rename
+
+    def move(self: Swap, src: Path, dst: Path) -> None:
+        if src.name == "traefik" and dst.name == "traefik" and src.parent != root.path:
+            raise OSError(errno.EIO, "Input/output error")  # the swap fails at a later item
+        real_move(self, src, dst)
+
+    def rename(src: Any, dst: Any) -> None:
+        if Path(src).name == "generated.pre-restore" and Path(dst) == root.path / "generated":
+            raise OSError(errno.EIO, "Input/output error")  # and so does one move back
+        real_rename(src, dst)
+
+    with monkeypatch.context() as m, pytest.raises(RestoreError) as ei:
+        m.setattr(Swap, "_move", move)
+        m.setattr(os, "rename", rename)
+        await RestoreJob(cfg, s3_storage).run(res.timestamp, "partial")
+    msg = ei.value.message
+    assert "could not put everything back" in msg and "tinyserved was left stopped" in msg
+    assert f"{older} -> {root.path / 'generated'}" in msg
+    # nothing deleted: the live data where the failed move left it, the older copy in the trash
+    assert (older / "docker-compose.yml").read_text() == "services: {}\n"
+    assert [p.read_text() for p in root.path.glob(".restore-trash-*/generated/note")] == ["older"]
+    assert ctl_calls() == [["stop"]]
+
+
 async def test_one_service_restored_alone(root: RootInfo, s3_storage: S3Storage) -> None:
     cfg = cfg_for(root.path)
     before = tree_digest(root.path / "services" / "blog")
