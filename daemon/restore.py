@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import time
@@ -576,23 +577,29 @@ class RestoreJob:
         )
 
 
+# Exactly the names this tool gives what it leaves (secrets.token_hex(4), a pid), so a clean-up
+# never takes a user's file, or the staging of another root whose name merely starts alike.
+_HEX8 = "[0-9a-f]{8}"
+_ROOT_LEFTOVER = re.compile(
+    rf"\.restore-trash-{_HEX8}|\.state\.db\.pitr-\d+|\.\.state\.db\.pitr-\d+\.pitr-{_HEX8}(\.download|\.age)?"
+)
+
+
 def restore_leftovers(root: Path) -> list[Path]:
     """What earlier restores left: the replaced items kept as ``*.pre-restore`` (at the top of the
     root and under services/), and what an interrupted restore could not remove (the trash of a
     previous restore's leftovers, a staging directory beside the root, a staged point-in-time db).
+    The root itself may be a symlink (restores work through it); services/ may not.
     """
     found: list[Path] = []
     for d in (root, root / "services"):
-        if d.is_dir() and not d.is_symlink():
+        if d.is_dir() and (d == root or not d.is_symlink()):
             for p in sorted(d.iterdir()):
-                if p.name.endswith(PRE) or (
-                    # (the point-in-time restore's staged db, and its own temporary files)
-                    d == root
-                    and p.name.startswith((".restore-trash-", ".state.db.pitr-", "..state.db.pitr-"))
-                ):
+                if p.name.endswith(PRE) or (d == root and _ROOT_LEFTOVER.fullmatch(p.name)):
                     found.append(p)
+    staging = re.compile(rf"\.{re.escape(root.name)}\.restore-{_HEX8}")
     if root.parent.is_dir():
-        found += sorted(p for p in root.parent.iterdir() if p.name.startswith(f".{root.name}.restore-"))
+        found += sorted(p for p in root.parent.iterdir() if staging.fullmatch(p.name))
     return found
 
 
@@ -609,13 +616,25 @@ def tree_bytes(path: Path) -> int:
 
 
 def remove_leftovers(paths: list[Path]) -> None:
-    for p in paths:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
-    for d in sorted({p.parent for p in paths}):
-        fsync_dir(d, strict=False)
+    """Delete ``paths`` (links themselves, never what they point to); a failure says what is gone."""
+    done: list[str] = []
+    try:
+        for p in paths:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+            done.append(p.name)
+    except OSError as exc:
+        raise RestoreError(
+            f"could not remove {exc.filename or p}: {exc.strerror or exc}"
+            + (f" (removed before it: {', '.join(done)})" if done else ""),
+            "check its owner and permissions (files written by a container may belong to another "
+            "user; sudo rm them), then run --clean-up again",
+        ) from None
+    finally:
+        for d in sorted({p.parent for p in paths}):
+            fsync_dir(d, strict=False)
 
 
 async def swap_database(

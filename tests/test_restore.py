@@ -773,6 +773,10 @@ def test_clean_up_deletes_what_restores_kept_aside_and_nothing_live(
     # what an interrupted restore could leave: its staging directory beside the root
     stale = root.path.parent / f".{root.path.name}.restore-deadbeef"
     (stale / "parts").mkdir(parents=True)
+    # not ours to take: another root's staging whose name starts like ours, and a user's file
+    other = root.path.parent / f".{root.path.name}.restore-deadbeef.restore-0123abcd"
+    other.mkdir()
+    (root.path / ".restore-trash-notes.txt").write_text("mine")
     live = snapshot(root.path)
     # and a killed point-in-time restore: its staged database and a download of its own
     pitr = [".state.db.pitr-999", "..state.db.pitr-999.pitr-abcd1234.download"]
@@ -795,13 +799,28 @@ def test_clean_up_deletes_what_restores_kept_aside_and_nothing_live(
     expected = [*kept, *svc_kept, *pitr, str(stale)]
     assert sorted(out["removed"]) == sorted(expected), (out["removed"], expected)
     assert out["size_bytes"] > 0
-    assert not stale.exists()
+    assert not stale.exists() and other.exists() and (root.path / ".restore-trash-notes.txt").exists()
     assert not [p for p in root.path.rglob("*.pre-restore")]
     assert snapshot(root.path) == live  # nothing live touched
     res = run_cli("--config", str(cfgp), "status", "--json")
     assert "restore_leftovers" not in json.loads(res.stdout)
     res = run_cli("--config", str(cfgp), "restore", "--clean-up", ts)
     assert res.returncode != 0 and "takes no backup" in res.stderr
+
+
+def test_clean_up_finds_what_restores_left_through_a_symlinked_root(tmp_path: Path) -> None:
+    real = tmp_path / "disk" / "tinyserve"
+    (real / "services" / "blog.pre-restore").mkdir(parents=True)
+    (real / "state.db.pre-restore").write_bytes(b"x" * 10)
+    link = tmp_path / "tinyserve"
+    link.symlink_to(real)
+    found = restore_mod.restore_leftovers(link)
+    assert [p.relative_to(link).as_posix() for p in found] == [
+        "state.db.pre-restore",
+        "services/blog.pre-restore",
+    ]
+    restore_mod.remove_leftovers(found)
+    assert sorted(p.name for p in real.rglob("*")) == ["services"] and link.is_symlink()
 
 
 def test_full_disk_while_staging(tmp_path: Path, s3_server: MotoServer, bucket: str) -> None:
