@@ -723,15 +723,21 @@ async def test_images_stream_into_docker_but_load_only_after_the_swap(
     assert ctl_calls() == [["stop"], ["start"]]
 
 
-async def test_restore_onto_new_machine_via_cli(
-    tmp_path: Path, s3_server: MotoServer, bucket: str, root: RootInfo
-) -> None:
+def cli_config(tmp_path: Path, s3_server: MotoServer, bucket: str, root: Path) -> Path:
+    """A config file for the command line: this root, the test bucket, the tinyserved stand-ins."""
     cfgp = tmp_path / "cfg.yaml"
     cfgp.write_text(
-        f"root: {root.path}\n"
+        f"root: {root}\n"
         f"destination:\n  url: s3://{bucket}/tb\n  endpoint: {s3_server.endpoint}\n  addressing_style: path\n"
         "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
     )
+    return cfgp
+
+
+async def test_restore_onto_new_machine_via_cli(
+    tmp_path: Path, s3_server: MotoServer, bucket: str, root: RootInfo
+) -> None:
+    cfgp = cli_config(tmp_path, s3_server, bucket, root.path)
     before_tree, before_db = snapshot(root.path)
     res = run_cli("--config", str(cfgp), "create", "--full", "--json")
     assert res.returncode == 0, res.stderr
@@ -755,12 +761,7 @@ def test_clean_up_deletes_what_restores_kept_aside_and_nothing_live(
     tmp_path: Path, s3_server: MotoServer, bucket: str, root: RootInfo
 ) -> None:
     """The issue's "kept until the next successful restore or an explicit clean-up"."""
-    cfgp = tmp_path / "cfg.yaml"
-    cfgp.write_text(
-        f"root: {root.path}\n"
-        f"destination:\n  url: s3://{bucket}/tb\n  endpoint: {s3_server.endpoint}\n  addressing_style: path\n"
-        "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
-    )
+    cfgp = cli_config(tmp_path, s3_server, bucket, root.path)
     res = run_cli("--config", str(cfgp), "restore", "--clean-up", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["removed"] == []
