@@ -1393,6 +1393,11 @@ class WalShipper:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns, head)
 
+    def _snapshot_queued(self) -> bool:
+        # One snapshot waits at a time: the spool's bound counts segments only, so during an
+        # outage every trigger would otherwise add a copy of the database to it.
+        return any(e.kind == "snapshot" for e in self._queue)
+
     def _snapshot_is_due(self) -> bool:
         last = self._engine.last_snapshot_at
         return last is None or (self.clock() - last).total_seconds() >= self.opts.snapshot_interval
@@ -1409,14 +1414,12 @@ class WalShipper:
                     if (
                         self._snapshot_is_due()
                         and self._engine.broken is None
-                        and not any(e.kind == "snapshot" for e in self._queue)
+                        and not self._snapshot_queued()
                     ):
                         self._snapshot_due = True
                         self._wake.set()
                 elif (
-                    self._state == "snapshot_only"
-                    and self._snapshot_is_due()
-                    and not any(e.kind == "snapshot" for e in self._queue)
+                    self._state == "snapshot_only" and self._snapshot_is_due() and not self._snapshot_queued()
                 ):
                     await self._call(self._engine.snapshot_only)
             except asyncio.CancelledError:
@@ -1493,9 +1496,7 @@ class WalShipper:
             and not self._snapshot_due
             and eng.segments_since_snapshot() >= n
             and time.monotonic() >= self._count_snapshot_after
-            # One at a time: while storage is down, a snapshot per N segments would fill the
-            # spool with copies of the database (its bound counts segments only).
-            and not any(e.kind == "snapshot" for e in self._queue)
+            and not self._snapshot_queued()
         ):
             log.info(
                 "wal_snapshot_by_segments", generation=eng.generation, segments=eng.segments_since_snapshot()
