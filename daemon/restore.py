@@ -38,7 +38,7 @@ from .backup import CONFIG_DIRS, NoProgress, Progress
 from .cancel import through_cancel
 from .config import Config
 from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
-from .fsutil import fsync_dir, sync_filesystem, sync_renames
+from .fsutil import sync_filesystem, sync_renames
 from .manifest import BackupRef, ObjectEntry, find_backup
 from .service import Tinyserved
 from .snapshot import JOURNAL_MODES, integrity_check, set_journal_mode
@@ -633,8 +633,7 @@ def remove_leftovers(paths: list[Path]) -> None:
             "user; sudo rm them), then run --clean-up again",
         ) from None
     finally:
-        for d in sorted({p.parent for p in paths}):
-            fsync_dir(d, strict=False)
+        sync_renames(sorted({p.parent for p in paths}))
 
 
 async def swap_database(
