@@ -214,7 +214,7 @@ async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -
                 await tinyserved.wait_released(swap.root / "state.db")
             aside, cancelled = await through_cancel(asyncio.to_thread(swap.apply, items))
             if db and not cancelled:
-                await tinyserved.check_not_reopened(swap.root / f"state.db{PRE}", swap.root)
+                await tinyserved.check_not_reopened(swap.root / f"state.db{PRE}")
         except BaseException:
             await _undo(swap, tinyserved)
             raise
