@@ -428,6 +428,11 @@ def prune_cmd(obj: Ctx, dry_run: bool, as_json: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def can_ask() -> bool:
+    """A person is there to answer a question: stdin and stderr (where it is asked) are a terminal."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
 @cli.command("restore")
 @click.argument("timestamp", required=False)
 @click.option("--full", "btype", flag_value="full", help="Restore the full backup with this timestamp.")
@@ -476,7 +481,7 @@ def restore_cmd(
         raise UsageError("which backup?", "pass a TIMESTAMP from `tinyserve-backup list`, or --at/--latest")
     if output:
         raise UsageError("--output only goes with --at/--latest")
-    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    interactive = can_ask()
     if not yes and not interactive:
         raise UsageError(
             "restore replaces live data and needs confirmation", "run it in a terminal or add --yes"
@@ -555,7 +560,7 @@ def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
     from .lock import root_lock
     from .restore import remove_leftovers, restore_leftovers, tree_bytes
 
-    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    interactive = can_ask()
 
     async def go() -> dict[str, Any]:
         # Under the root's lock: a restore in progress owns its staging directory and trash.
@@ -610,7 +615,7 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
     target = parse_rfc3339(at) if at else None
     finished: list[dict[str, Any]] = []  # the in-place restore, once its new state.db is in
     out_path = Path(output).expanduser() if output else None
-    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    interactive = can_ask()
     if output is None and not yes and not interactive:
         raise UsageError(
             "restoring state.db in place needs confirmation",
