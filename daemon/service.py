@@ -216,8 +216,10 @@ def ours(root: Path) -> set[int]:
     data = status.read_status(status.status_path(root)) or {}
     pid = data.get("pid")
     if isinstance(pid, int) and data.get("state") != "stopped" and status.pid_alive(pid):
-        cmd = status.command_of(pid) or ""
-        if " run" in cmd and ("tinyserve-backup" in cmd or " -m daemon " in cmd):
+        # Unlike `status`, an unreadable command line does not count: exempting a process from
+        # the holder check needs certainty.
+        cmd = status.command_of(pid)
+        if cmd is not None and status.is_daemon_command(cmd):
             pids.add(pid)  # the WAL shipper reopens the new file by itself
     return pids
 

@@ -9,6 +9,7 @@ reads true.  Nothing secret goes in: no credentials, no alert URLs, errors maske
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from datetime import UTC, datetime
@@ -70,6 +71,20 @@ def command_of(pid: int) -> str | None:
     return out.stdout.strip() or None
 
 
+def is_daemon_command(cmd: str) -> bool:
+    """``cmd`` runs this tool's daemon: ``tinyserve-backup … run`` or ``python -m daemon … run``.
+
+    Matched word by word: a recycled pid whose program merely has "daemon" or "run" somewhere in
+    its name or arguments is not ours.
+    """
+    words = cmd.split()
+    if "run" not in words:
+        return False
+    if any(os.path.basename(w) == "tinyserve-backup" for w in words):
+        return True
+    return any(a == "-m" and b == "daemon" for a, b in itertools.pairwise(words))
+
+
 def daemon_alive(pid: Any) -> bool:
     """``pid`` is alive and still looks like our daemon (a recycled pid does not count)."""
     if not pid_alive(pid):
@@ -77,7 +92,7 @@ def daemon_alive(pid: Any) -> bool:
     cmd = command_of(int(pid))
     if cmd is None:
         return True  # cannot tell; the pid exists
-    return ("tinyserve-backup" in cmd or "daemon" in cmd) and " run" in cmd
+    return is_daemon_command(cmd)
 
 
 def _age(t: Any, now: datetime) -> float | None:

@@ -356,6 +356,36 @@ def test_status_with_a_dead_or_recycled_pid_is_stale(tmp_path: Path) -> None:
     assert describe(doc, path)["running"] is False
 
 
+@pytest.mark.parametrize(
+    ("cmd", "ours"),
+    [
+        ("/opt/venv/bin/python /opt/venv/bin/tinyserve-backup --config /x/backup.yaml run ", True),
+        ("/usr/bin/python3 -m daemon --config /Users/a/Library/Application Support/b.yaml run", True),
+        ("/opt/venv/bin/tinyserve-backup --config /x/backup.yaml status ", False),
+        ("/usr/sbin/cupsd -l run-daemon ", False),
+        ("python tests/test_daemon.py --run ", False),
+        ("/usr/bin/python3 -m daemonize run ", False),
+    ],
+)
+def test_which_command_lines_are_our_daemon(cmd: str, ours: bool) -> None:
+    from daemon.status import is_daemon_command
+
+    assert is_daemon_command(cmd) is ours
+
+
+def test_status_calls_a_pid_that_merely_mentions_daemon_and_run_stale(tmp_path: Path) -> None:
+    """A recycled pid running some other program with those words in its arguments."""
+    from daemon.status import describe
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "daemon", "run"])
+    try:
+        doc = {"pid": other.pid, "state": "running", "updated_at": "2026-01-10T04:00:00Z"}
+        assert describe(doc, tmp_path / "status.json")["running"] is False
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+
+
 def test_a_restore_goes_on_while_the_daemon_ships_the_wal(tmp_path: Path, daemons: list[Daemon]) -> None:
     """The shipper keeps state.db open; a restore must not take the daemon for tinyserved."""
     root, dest = make_setup(tmp_path)
