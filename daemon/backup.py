@@ -185,7 +185,13 @@ class BackupJob:
 
                 arts.append(Artifact("state.db.zst", "sqlite", ["state.db"], "zstd", db_stream, service=None))
             else:
-                log.warning("database_missing", path=str(db))
+                # An empty or wrong root (a typo, an unmounted disk) would otherwise make a
+                # "successful" backup of nothing, which retention then keeps as the newest.
+                raise BackupError(
+                    f"no state.db in {root}: this does not look like a tinyserve root, so there is "
+                    f"nothing to back up",
+                    "check `root` in the config or TINYSERVE_ROOT (is its disk mounted?)",
+                )
             present = [d for d in CONFIG_DIRS if (root / d).exists()]
             if present:
                 arts.append(self._tar_artifact("configs.tar.zst", present, archive_stream, level, threads))
@@ -199,6 +205,11 @@ class BackupJob:
                         f"known services: {', '.join(all_services) or 'none'}",
                     )
                 chosen = [s for s in all_services if s in services]
+            if btype == "services" and not chosen:
+                raise BackupError(
+                    f"no services to back up: {root / 'services'} has no service directories",
+                    "check `root` in the config or TINYSERVE_ROOT (is its disk mounted?)",
+                )
             for name in chosen:
                 art = self._tar_artifact(
                     f"services/{name}.tar.zst", [f"services/{name}"], archive_stream, level, threads

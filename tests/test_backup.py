@@ -395,3 +395,21 @@ def test_cli_create_json_and_list(tmp_path: Path, s3_server: MotoServer, bucket:
     assert {"type", "timestamp", "size_bytes", "objects", "guide"} <= set(listed[0])
     listed = json.loads(run_cli("--config", str(cfg), "list", "--type", "services", "--json").stdout)
     assert [x["type"] for x in listed] == ["services"]
+
+
+def test_an_empty_or_wrong_root_backs_up_nothing_and_says_so(
+    tmp_path: Path, s3_server: MotoServer, bucket: str
+) -> None:
+    """A typo in `root` or an unmounted disk must not make "successful" empty backups, which
+    retention would then keep as the newest while it prunes the real ones."""
+    empty = tmp_path / "mnt" / "tinyserve"
+    empty.mkdir(parents=True)
+    (empty / "services").mkdir()
+    cfg = _write_cfg(tmp_path, empty, s3_server.endpoint, bucket)
+    for flags in (["--partial"], ["--full"], ["--services"]):
+        res = run_cli("--config", str(cfg), "create", *flags)
+        assert res.returncode == 1, (flags, res.stdout, res.stderr)
+        err = res.stderr.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert str(empty) in err and "is its disk mounted?" in err, err
+    assert json.loads(run_cli("--config", str(cfg), "list", "--json").stdout) == []
