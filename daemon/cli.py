@@ -194,8 +194,9 @@ def config_cmd(
         updates["destination.url"] = f"s3://{bucket}/{pfx.strip('/')}".rstrip("/")
     elif prefix is not None:
         raise UsageError("--prefix needs --bucket", "pass --bucket too")
-    if local_dir:
-        updates["destination.url"] = f"file://{Path(local_dir).expanduser().resolve()}"
+    local = Path(local_dir).expanduser().resolve() if local_dir else None
+    if local is not None:
+        updates["destination.url"] = f"file://{local}"
     if endpoint is not None:
         updates["destination.endpoint"] = endpoint or None
     if region is not None:
@@ -216,6 +217,11 @@ def config_cmd(
         where = store_secret(access_key, secret_key)
         click.echo(f"Credentials stored in {where}.")
     click.echo(f"Config written to {path}.")
+    if local is not None and not local.exists() and local.parent.is_dir():
+        # Named just now, so made now; a missing parent is more likely a disk not mounted, which
+        # the access check below then reports.
+        local.mkdir(mode=0o700)
+        click.echo(f"Created {local}.")
     if not no_check:
         run_async(lambda: _check_access(cfg))
         click.echo(f"Destination {cfg.destination.url} is reachable.")

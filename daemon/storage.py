@@ -220,10 +220,14 @@ def _local_error(exc: OSError, where: str) -> StorageError:
 
 
 class LocalStorage(Storage):
-    def __init__(self, root: Path, *, part_size: int = 5 * MiB) -> None:
+    def __init__(self, root: Path, *, part_size: int = 5 * MiB, create: bool = False) -> None:
+        """``create``: make a missing ``root`` (our own default folder). A folder the user named is
+        never made: missing, it is usually a disk that is not mounted, and backups written to the
+        empty mount point would fill the system disk and vanish behind the mount."""
         self.root = Path(root)
         self.url = f"file://{self.root}"
         self.part_size = part_size
+        self.create = create
         self._warned_no_lock = False
 
     def _path(self, key: str) -> Path:
@@ -236,6 +240,8 @@ class LocalStorage(Storage):
         return path.with_name(f"{_UPLOAD_TMP}{path.name}.{secrets.token_hex(6)}")
 
     def _check_root(self) -> None:
+        if self.create and not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.root.is_dir():
             raise BucketNotFoundError(
                 f"destination directory {self.root} does not exist",
@@ -985,7 +991,10 @@ def storage_from_config(cfg: Any, *, retry: RetryPolicy | None = None) -> Storag
     dest = cfg.destination
     part_size = dest.part_size_mb * MiB
     if dest.scheme == "file":
-        return LocalStorage(dest.local_path, part_size=part_size)
+        from .paths import default_local_destination
+
+        own = dest.local_path == default_local_destination()
+        return LocalStorage(dest.local_path, part_size=part_size, create=own)
     from .keychain import load_credentials
     from .logs import register_secret
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -253,3 +254,34 @@ def test_cli_init_creates_config(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert p.exists() and stat.S_IMODE(p.stat().st_mode) == 0o600
     assert "# tinyserve-backup configuration" in p.read_text()
+
+
+def test_the_default_local_folder_is_made_and_a_named_one_only_under_an_existing_parent(
+    tmp_path: Path,
+) -> None:
+    """`make run` before any S3 is configured: `config --init`, then backups to our own folder."""
+    from daemon.paths import default_local_destination
+    from tests.helpers.rootfactory import make_root
+
+    env = {"TINYSERVE_ROOT": str(make_root(tmp_path / "root", size="tiny", seed=3).path)}
+    p = tmp_path / "c.yaml"
+    assert run_cli("--config", str(p), "config", "--init").returncode == 0
+    res = run_cli("--config", str(p), "create", "--partial", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    ts = json.loads(res.stdout)["timestamp"]
+    assert (default_local_destination() / "partial" / ts / "manifest.json").is_file()
+    assert stat.S_IMODE(default_local_destination().stat().st_mode) == 0o700
+
+    # A folder the user names is made when its parent exists...
+    new = tmp_path / "disk" / "backups"
+    (tmp_path / "disk").mkdir()
+    res = run_cli("--config", str(p), "config", "--local", str(new))
+    assert res.returncode == 0, res.stderr
+    assert new.is_dir() and f"Created {new}." in res.stdout
+    # ...but not under a missing one (an unmounted disk), and not later by a backup.
+    unmounted = tmp_path / "Volumes" / "Backup" / "tinyserve"
+    res = run_cli("--config", str(p), "config", "--local", str(unmounted))
+    _assert_one_line_error(res, "does not exist")
+    res = run_cli("--config", str(p), "create", "--partial", env=env)
+    _assert_one_line_error(res, "mount the disk")
+    assert not (tmp_path / "Volumes").exists()
