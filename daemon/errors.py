@@ -59,7 +59,7 @@ class AccessDeniedError(StorageError):
 
 
 class BucketNotFoundError(StorageError):
-    default_fix = "create the bucket first, or fix `destination.bucket` in the config"
+    default_fix = "create the bucket first, or fix the bucket in `destination.url` in the config"
 
 
 class ObjectNotFoundError(StorageError):

@@ -532,8 +532,14 @@ _TRANSIENT_CODES = {
 }
 
 
-def translate_error(exc: BaseException, where: str) -> StorageError | CredentialsError:
-    """Turn a botocore/aiohttp exception into one of ours, without leaking request details."""
+def translate_error(
+    exc: BaseException, where: str, *, bucket: str = "", endpoint: str | None = None
+) -> StorageError | CredentialsError:
+    """Turn a botocore/aiohttp exception into one of ours, without leaking request details.
+
+    ``bucket`` and ``endpoint`` name what could not be found or reached, so the user sees which
+    of several configured destinations is wrong.
+    """
     import aiohttp
     import botocore.exceptions as bex
 
@@ -544,7 +550,11 @@ def translate_error(exc: BaseException, where: str) -> StorageError | Credential
         code = str(err.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("NoSuchBucket",):
-            return BucketNotFoundError(f"bucket not found ({where})")
+            return BucketNotFoundError(
+                f"bucket {bucket!r} does not exist at {endpoint or 'AWS S3'} ({where})"
+                if bucket
+                else f"bucket not found ({where})"
+            )
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
             return ObjectNotFoundError(f"object not found ({where})")
         # 409 ConditionalRequestConflict: a concurrent write to the same key won while ours was
@@ -561,7 +571,8 @@ def translate_error(exc: BaseException, where: str) -> StorageError | Credential
     if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError):
         return CredentialsError("no storage credentials found")
     if isinstance(exc, bex.EndpointConnectionError | bex.ConnectTimeoutError):
-        return EndpointUnreachableError(f"cannot reach the storage endpoint ({where})")
+        at = f" {endpoint}" if endpoint else ""
+        return EndpointUnreachableError(f"cannot reach the storage endpoint{at} ({where})")
     if isinstance(
         exc,
         bex.ReadTimeoutError
@@ -659,7 +670,9 @@ class S3Storage(Storage):
                             f"invalid storage endpoint {self.s.endpoint!r}",
                             "set `destination.endpoint` to a URL like https://s3.example.com",
                         ) from None
-                    raise translate_error(exc, "opening client") from None
+                    raise translate_error(
+                        exc, "opening client", bucket=self.s.bucket, endpoint=self.s.endpoint
+                    ) from None
                 self._stack = stack
         return self._client
 
@@ -679,7 +692,7 @@ class S3Storage(Storage):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                err = translate_error(exc, what)
+                err = translate_error(exc, what, bucket=self.s.bucket, endpoint=self.s.endpoint)
                 attempt += 1
                 if not getattr(err, "retryable", False) or attempt >= policy.attempts:
                     raise err from None
@@ -750,7 +763,7 @@ class S3Storage(Storage):
             try:
                 resp = await c.head_object(Bucket=self.s.bucket, Key=self._full(key))
             except Exception as exc:
-                err = translate_error(exc, f"head {key}")
+                err = translate_error(exc, f"head {key}", bucket=self.s.bucket, endpoint=self.s.endpoint)
                 if isinstance(err, ObjectNotFoundError):
                     return None
                 raise
@@ -900,7 +913,7 @@ class S3Storage(Storage):
             except GeneratorExit:
                 raise
             except Exception as exc:
-                err = translate_error(exc, f"get {key}")
+                err = translate_error(exc, f"get {key}", bucket=self.s.bucket, endpoint=self.s.endpoint)
                 attempt += 1
                 if not getattr(err, "retryable", False) or attempt >= policy.attempts:
                     raise err from None

@@ -219,20 +219,17 @@ def test_cli_nonexistent_bucket(tmp_path: Path, s3_server: MotoServer) -> None:
         "--path-style",
     )
     _assert_one_line_error(res, "does not exist")
+    # Later commands name the bucket, where it was looked for, and the key that holds it.
+    res = run_cli("--config", str(p), "list")
+    _assert_one_line_error(res, f"bucket 'no-such-bucket' does not exist at {s3_server.endpoint}")
+    assert "`destination.url`" in res.stderr
 
 
 def test_cli_unreachable_endpoint(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
-    res = run_cli(
-        "--config",
-        str(p),
-        "config",
-        "--bucket",
-        "b",
-        "--endpoint",
-        f"http://127.0.0.1:{free_port()}",
-    )
-    _assert_one_line_error(res, "cannot reach the storage endpoint")
+    url = f"http://127.0.0.1:{free_port()}"
+    res = run_cli("--config", str(p), "config", "--bucket", "b", "--endpoint", url)
+    _assert_one_line_error(res, f"cannot reach the storage endpoint {url}")
 
 
 def test_cli_wrong_secret(tmp_path: Path, s3_auth_server: tuple[MotoServer, str, str, str]) -> None:
