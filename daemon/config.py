@@ -142,15 +142,19 @@ class Schedule(_Model):
     @field_validator("timezone")
     @classmethod
     def _check_tz(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r} (use a name like Europe/Berlin)") from None
+        if v is not None:
+            check_timezone(v)
         return v
+
+
+def check_timezone(name: str) -> None:
+    """ValueError unless ``name`` is a time zone this machine knows."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (use a name like Europe/Berlin)") from None
 
 
 class RetentionRule(_Model):

@@ -495,6 +495,13 @@ def schedule_updates(
     if wal is not None:
         updates["wal.enabled"] = wal
     if timezone is not None:
+        if timezone:
+            from .config import check_timezone
+
+            try:
+                check_timezone(timezone)  # the flag's fault, not the file's (which is unchanged)
+            except ValueError as exc:
+                raise UsageError(f"--timezone: {exc}", 'pass an IANA name, or "" for local time') from None
         updates["schedule.timezone"] = timezone or None
     return updates
 

@@ -273,6 +273,10 @@ def test_schedule_cli_edits_yaml_keeping_comments(tmp_path: Path) -> None:
     assert "full      off" in r.stdout and "Sun" in r.stdout
     r = run_cli("--config", str(cfg_path), "schedule", "--full", "0 3 * * 8")
     assert r.returncode == 2 and "day of week" in r.stderr and "Traceback" not in r.stderr
+    before = cfg_path.read_text()
+    r = run_cli("--config", str(cfg_path), "schedule", "--timezone", "Mars/Olympus")
+    assert r.returncode == 2 and r.stderr.startswith("error: --timezone: unknown time zone 'Mars/Olympus'")
+    assert "config file" not in r.stderr and cfg_path.read_text() == before
 
 
 # --------------------------------------------------------------------------------------------
