@@ -167,7 +167,7 @@ def config_cmd(
             click.echo(f"Created config {path} from the example; edit it to set your destination.")
         return
     if show:
-        cfg = obj.config()
+        cfg = obj.config(missing_ok=True)  # no file yet: the defaults are what is in effect
         data = cfg.model_dump(mode="json")
         data["config_file"] = str(path)
         echo_json(data)
@@ -210,10 +210,23 @@ def config_cmd(
     cfg = edit_config(path, updates)
     setup_logging(file=cfg.logging.file, level=cfg.logging.level, console_level=console_level(obj.verbose))
     if access_key and secret_key:
-        from .keychain import store_secret
+        from .keychain import load_credentials, store_secret
         from .logs import register_secret
 
         register_secret(secret_key)
+        try:
+            old = load_credentials()
+        except CredentialsError:
+            old = None  # unreadable: it is replaced below all the same
+        if old is not None and old.access_key_id != access_key:
+            # One key pair is stored per user, shared by every config without a profile: a second
+            # destination's keys would silently cut the first one off.
+            click.echo(
+                f"warning: replacing the stored key {old.access_key_id} with {access_key}; every "
+                "config without `destination.profile` now uses the new one (give another "
+                "destination its own AWS profile instead)",
+                err=True,
+            )
         where = store_secret(access_key, secret_key)
         click.echo(f"Credentials stored in {where}.")
     click.echo(f"Config written to {path}.")

@@ -288,6 +288,15 @@ async def find_backup(storage: Storage, ts: str, btype: str | None = None) -> Ba
         return BackupRef(t, ts, parse_manifest(data, t, ts, objs))
 
     refs = [r for r in await asyncio.gather(*(one(t) for t in types)) if r is not None]
+    if not refs and btype:
+        others = [t for t in TYPES if t != btype]
+        found = [r for r in await asyncio.gather(*(one(t) for t in others)) if r is not None]
+        if found:
+            kinds = " or ".join(f"a {r.type}" for r in found)
+            raise BackupNotFoundError(
+                f"no {btype} backup with timestamp {ts}: that is {kinds} backup",
+                f"pass --{found[0].type}, or leave the type out",
+            )
     if not refs:
         what = f"{btype} backup" if btype else "complete backup"
         raise BackupNotFoundError(f"no {what} with timestamp {ts}")

@@ -117,8 +117,8 @@ def describe(data: dict[str, Any] | None, path: Path, now: datetime | None = Non
         out["uptime_s"] = round((now - started).total_seconds(), 1) if started else None
     else:
         when = data.get("stopped_at") or data.get("updated_at")
-        how = "stopped" if data.get("state") == "stopped" else "stale status"
-        out["daemon"] = f"not running ({how} from {when})"
+        how = "stopped at" if data.get("state") == "stopped" else "stale status from"
+        out["daemon"] = f"not running ({how} {when})"
         out["uptime_s"] = None
     jobs = out.get("jobs") or {}
     for job in jobs.values():

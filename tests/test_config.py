@@ -282,3 +282,24 @@ def test_the_default_local_folder_is_made_and_a_named_one_only_under_an_existing
     res = run_cli("--config", str(p), "create", "--partial", env=env)
     _assert_one_line_error(res, "mount the disk")
     assert not (tmp_path / "Volumes").exists()
+
+
+def test_storing_another_key_pair_warns_that_it_replaces_the_first(tmp_path: Path) -> None:
+    first = ["--bucket", "one", "--access-key", "AKIAFIRST", "--secret-key-stdin", "--no-check"]
+    res = run_cli("--config", str(tmp_path / "a.yaml"), "config", *first, input="s3cret-one\n")
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    res = run_cli("--config", str(tmp_path / "a.yaml"), "config", *first, input="s3cret-one\n")
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr  # the same key again
+    second = ["--bucket", "two", "--access-key", "AKIASECOND", "--secret-key-stdin", "--no-check"]
+    res = run_cli("--config", str(tmp_path / "b.yaml"), "config", *second, input="s3cret-two\n")
+    assert res.returncode == 0, res.stderr
+    assert "replacing the stored key AKIAFIRST with AKIASECOND" in res.stderr
+    assert "destination.profile" in res.stderr and "s3cret" not in res.stderr + res.stdout
+
+
+def test_config_show_without_a_file_prints_the_defaults(tmp_path: Path) -> None:
+    res = run_cli("--config", str(tmp_path / "none.yaml"), "config", "--show")
+    assert res.returncode == 0, res.stderr
+    shown = json.loads(res.stdout)
+    assert shown["destination"]["url"].startswith("file://") and shown["wal"]["enabled"] is True
+    assert not (tmp_path / "none.yaml").exists()

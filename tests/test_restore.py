@@ -578,6 +578,10 @@ async def test_unknown_and_incomplete_backups(root: RootInfo, s3_storage: S3Stor
         await RestoreJob(cfg, s3_storage).run("2020-01-01T00-00-00Z")
     with pytest.raises(BackupNotFoundError, match="not a backup timestamp"):
         await RestoreJob(cfg, s3_storage).run("yesterday")
+    res = await BackupJob(cfg, s3_storage).run("services")
+    with pytest.raises(BackupNotFoundError, match="that is a services backup") as exc:
+        await RestoreJob(cfg, s3_storage).run(res.timestamp, "full")
+    assert exc.value.fix == "pass --services, or leave the type out"
     # objects without a manifest are not a backup
     res = await BackupJob(cfg, s3_storage).run("partial")
     await s3_storage.delete_many([f"partial/{res.timestamp}/manifest.json"])
