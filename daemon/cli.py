@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -640,6 +641,8 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
             "restoring state.db in place needs confirmation",
             "run it in a terminal, add --yes, or use --output FILE",
         )
+    if out_path is not None:
+        _check_pitr_output(out_path, cfg.root, yes=yes, interactive=interactive)
     decryptor = decryptor_from_config(cfg)
 
     async def go() -> dict[str, Any]:
@@ -682,6 +685,25 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
     _exit_if_interrupted(interrupted)
 
 
+def _check_pitr_output(out: Path, root: Path, *, yes: bool, interactive: bool) -> None:
+    """`--output` writes a plain file: never the live database, and a file there only if asked."""
+    live = root / "state.db"
+    if out.resolve() == live.resolve():
+        raise UsageError(
+            f"--output {out} is the live state.db",
+            "leave --output out to restore in place (that stops tinyserved and keeps the old one)",
+        )
+    if not out.exists():
+        return
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a directory", "name a file")
+    if yes:
+        return
+    if interactive and click.confirm(f"{out} exists. Replace it?", default=False, err=True):
+        return
+    raise UsageError(f"{out} exists", "choose another --output, or add --yes to replace it")
+
+
 def _print_pitr(result: dict[str, Any], as_json: bool, interrupted: bool = False) -> None:
     if as_json:
         # (in place, the result says whether a Ctrl-C came; to a file there is nothing to say)
@@ -691,6 +713,9 @@ def _print_pitr(result: dict[str, Any], as_json: bool, interrupted: bool = False
             f"state.db restored to {result['restored_to']} (generation {result['generation']}, "
             f"{result['commits_applied']} commits replayed) -> {result['output']}"
         )
+        target, newest = result.get("target"), result.get("last_available_at")
+        if target and newest and datetime.fromisoformat(target) > datetime.fromisoformat(newest):
+            click.echo(f"(nothing later was shipped: the newest commit in the bucket is at {newest})")
 
 
 @cli.command("verify")

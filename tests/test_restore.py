@@ -1270,3 +1270,52 @@ async def test_point_in_time_restore_in_place_via_cli(
     assert logical_dump(root / "state.db.pre-restore") == live
     assert ctl_calls() == [["stop"], ["start"]]
     assert sorted(p.name for p in root.iterdir()) == ["state.db", "state.db.pre-restore"]
+
+
+async def test_point_in_time_restore_to_a_file_never_overwrites_unasked(tmp_path: Path) -> None:
+    """`--output` replaces an existing file only with --yes, never writes the live state.db (that
+    would skip stopping tinyserved), and says when the asked-for time is past the newest commit."""
+    from daemon.storage import LocalStorage
+    from daemon.wal import WalShipper
+    from tests.helpers.writer import commit_rows, fast_options, init_db, logical_dump
+
+    root, dest = tmp_path / "root", tmp_path / "dest"
+    root.mkdir()
+    dest.mkdir()
+    db = root / "state.db"
+    init_db(db)
+    shipper = WalShipper(db, LocalStorage(dest), tmp_path / "spool", fast_options())
+    await shipper.start()
+    await asyncio.to_thread(commit_rows, db, 0, 10, 100)
+    assert await shipper.flush(10)
+    await shipper.stop()
+    cfgp = tmp_path / "cfg.yaml"
+    cfgp.write_text(f"root: {root}\ndestination:\n  url: file://{dest}\n")
+
+    def restore(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("--config", str(cfgp), "restore", *args)
+
+    out = tmp_path / "copy.db"
+    res = restore("--latest", "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    assert logical_dump(out) == logical_dump(db)
+    out.write_bytes(b"something of the user's")
+    res = restore("--latest", "--output", str(out))
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: {out} exists — choose another --output, or add --yes to replace it"
+    )
+    assert out.read_bytes() == b"something of the user's"
+    res = restore("--latest", "--output", str(out), "--yes")
+    assert res.returncode == 0, res.stderr
+    assert logical_dump(out) == logical_dump(db)
+
+    before = db.read_bytes()
+    res = restore("--latest", "--output", str(root / "." / "state.db"), "--yes")
+    assert res.returncode == 2 and "is the live state.db" in res.stderr
+    assert db.read_bytes() == before
+
+    res = restore("--at", "2099-01-01T00:00:00Z", "--output", str(tmp_path / "future.db"))
+    assert res.returncode == 0, res.stderr
+    assert "(nothing later was shipped: the newest commit in the bucket is at 20" in res.stdout
+    res = restore("--latest", "--output", str(tmp_path / "latest.db"))
+    assert "nothing later" not in res.stdout
