@@ -151,7 +151,9 @@ class Swap:
                 aside.append(str(pre.relative_to(root)))
             for s in side:
                 if os.path.lexists(s):
+                    # kept with the database: its last commits may be only in the -wal
                     self._move(s, s.with_name(s.name + PRE))
+                    aside.append(s.name + PRE)
             self._move(item.staged, live)
         # The renames themselves, durable once the restore reports success (the root's parent
         # too: the root may be new).
