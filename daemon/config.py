@@ -348,9 +348,35 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+# The member tags pydantic puts in an error's location for a union (`pre: list[str] | str`):
+# not keys of the file.
+_TYPE_TAG = re.compile(r"str|int|float|bool|list\[.*\]|dict\[.*\]")
+
+
+def _key_path(err: Any) -> tuple[Any, ...]:
+    return tuple(p for p in err["loc"] if not (isinstance(p, str) and _TYPE_TAG.fullmatch(p)))
+
+
 def _friendly(exc: ValidationError, text: str, where: str) -> ConfigError:
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
+    """The first problem in full, and where the others are: one round of fixes, not one each."""
+    # in the file's order, so the one reported in full is the first a reader meets
+    errors = sorted(exc.errors(), key=lambda e: _line_of(text, _key_path(e)) or 1 << 30)
+    first = _friendly_one(errors[0], text, where)
+    seen = {_key_path(errors[0])}
+    more = []
+    for err in errors[1:]:
+        loc = _key_path(err)
+        if loc not in seen:
+            seen.add(loc)
+            more.append(f"`{'.'.join(map(str, loc))}`")
+    if not more:
+        return first
+    also = f"; also wrong: {', '.join(more[:5])}" + (" …" if len(more) > 5 else "")
+    return ConfigError(first.message + also, first.fix)
+
+
+def _friendly_one(err: Any, text: str, where: str) -> ConfigError:
+    loc = _key_path(err)
     dotted = ".".join(str(p) for p in loc)
     line = _line_of(text, loc)
     at = f"{where}, line {line}" if line else where

@@ -80,6 +80,19 @@ def test_invalid_values(text: str, needle: str) -> None:
     assert needle in ei.value.one_line()
 
 
+def test_every_wrong_key_is_named_at_once_and_union_tags_are_not_keys() -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_config("retention:\n  full:\n    keep_lats: 3\nschedule:\n  ful: 'off'\n")
+    line = ei.value.one_line()
+    assert line.startswith("unknown config key `retention.full.keep_lats` (config, line 3)")
+    assert "also wrong: `schedule.ful`" in line and "keep_last" in line
+    with pytest.raises(ConfigError) as ei:
+        parse_config("hooks:\n  blog:\n    pre: {run: x}\n")
+    line = ei.value.one_line()
+    assert line.startswith("invalid `hooks.blog.pre` (config, line 3)") and "list[str]" not in line
+    assert "also wrong" not in line  # both union members' errors are one problem
+
+
 def test_cron_sunday_is_zero_and_seven() -> None:
     assert cron_dow_to_apscheduler("0", "x") == "sun"
     assert cron_dow_to_apscheduler("7", "x") == "sun"
