@@ -238,7 +238,7 @@ def config_cmd(
         click.echo(f"Created {local}.")
     if not no_check:
         run_async(lambda: _check_access(cfg))
-        click.echo(f"Destination {cfg.destination.url} is reachable.")
+        click.echo(f"Destination {cfg.destination.resolved_url} is reachable.")
 
 
 def _existing_prefix(path: Path) -> str | None:

@@ -97,6 +97,13 @@ class Destination(_Model):
     def local_path(self) -> Path:
         return Path(self.url[7:].replace("{hostname}", short_hostname()))
 
+    @property
+    def resolved_url(self) -> str:
+        """The URL as used, `{hostname}` filled in: what a user looks for in the bucket."""
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        return f"file://{self.local_path}"
+
 
 def short_hostname() -> str:
     name = socket.gethostname().split(".")[0] or "localhost"

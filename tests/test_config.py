@@ -45,6 +45,9 @@ def test_hostname_in_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = parse_config("destination:\n  url: s3://bkt/tiny/{hostname}\n")
     assert cfg.destination.bucket == "bkt"
     assert cfg.destination.prefix == "tiny/mac-mini"
+    assert cfg.destination.resolved_url == "s3://bkt/tiny/mac-mini"
+    cfg = parse_config("destination:\n  url: file:///Volumes/B/{hostname}\n")
+    assert cfg.destination.resolved_url == "file:///Volumes/B/mac-mini"
 
 
 def test_unknown_key_suggests() -> None:
@@ -208,6 +211,9 @@ def test_cli_config_and_list_against_s3(tmp_path: Path, s3_server: MotoServer, b
         input=secret + "\n",
     )
     assert res.returncode == 0, res.stderr
+    from daemon.config import short_hostname
+
+    assert f"Destination s3://{bucket}/tiny/{short_hostname()} is reachable." in res.stdout
     assert secret not in p.read_text()
     assert stat.S_IMODE(p.stat().st_mode) == 0o600
     res = run_cli("--config", str(p), "list", "--json")
