@@ -237,7 +237,13 @@ def config_cmd(
         local.mkdir(mode=0o700)
         click.echo(f"Created {local}.")
     if not no_check:
-        run_async(lambda: _check_access(cfg))
+        try:
+            run_async(lambda: _check_access(cfg))
+        except BackupError as exc:
+            # Both are written by now: say so, or a user fixing the bucket may think the bad
+            # secret was never stored.
+            saved = "the config and the key were saved" if access_key else "the config was saved"
+            raise type(exc)(f"{exc.message} ({saved} all the same)", exc.fix) from None
         click.echo(f"Destination {cfg.destination.resolved_url} is reachable.")
 
 
@@ -290,11 +296,14 @@ def list_cmd(obj: Ctx, btype: str | None, as_json: bool) -> None:
         echo_json(rows)
         return
     if not rows:
-        click.echo(f"No backups in {cfg.destination.url}.")
+        click.echo(f"No backups in {cfg.destination.resolved_url}.")
         return
     click.echo(f"{'TYPE':<9} {'TIMESTAMP':<21} {'SIZE':>10} {'OBJECTS':>7}  NOTE")
     for r in rows:
         note = []
+        if r["type"] == "services" and r["services"]:
+            # which services a services backup holds: what `restore --service` picks from
+            note.append(", ".join(r["services"]))
         if r["guide"]:
             note.append("guide-made (unverified)")
         if r["encrypted"]:

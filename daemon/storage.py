@@ -242,6 +242,11 @@ class LocalStorage(Storage):
     def _check_root(self) -> None:
         if self.create and not self.root.is_dir():
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.root.exists() and not self.root.is_dir():
+            raise BucketNotFoundError(
+                f"destination {self.root} is a file, not a directory",
+                "fix `destination.url` in the config",
+            )
         if not self.root.is_dir():
             raise BucketNotFoundError(
                 f"destination directory {self.root} does not exist",

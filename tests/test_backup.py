@@ -395,6 +395,8 @@ def test_cli_create_json_and_list(tmp_path: Path, s3_server: MotoServer, bucket:
     assert {"type", "timestamp", "size_bytes", "objects", "guide"} <= set(listed[0])
     listed = json.loads(run_cli("--config", str(cfg), "list", "--type", "services", "--json").stdout)
     assert [x["type"] for x in listed] == ["services"]
+    table = run_cli("--config", str(cfg), "list").stdout.splitlines()
+    assert table[2].startswith("services") and table[2].endswith("  blog, notes"), table
 
 
 def test_an_empty_or_wrong_root_backs_up_nothing_and_says_so(

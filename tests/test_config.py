@@ -259,6 +259,7 @@ def test_cli_wrong_secret(tmp_path: Path, s3_auth_server: tuple[MotoServer, str,
     wrong = "WRONG" + secret[5:]
     res = run_cli(*argv, input=wrong + "\n")
     _assert_one_line_error(res, "access denied")
+    assert "(the config and the key were saved all the same)" in res.stderr
     assert wrong not in res.stderr and wrong not in res.stdout
     res = run_cli(*argv, input=secret + "\n")
     assert res.returncode == 0, res.stderr

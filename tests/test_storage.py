@@ -454,3 +454,18 @@ async def test_rechunk_cuts_exact_parts() -> None:
     parts = [p.getvalue() async for p in _rechunk(src(), 5 * MiB)]
     assert [len(p) for p in parts] == [5 * MiB] * 4 + [21_000_000 - 4 * 5 * MiB]
     assert b"".join(parts) == b"".join(bytes([i]) * 3_000_000 for i in range(7))
+
+
+async def test_a_local_destination_that_is_missing_or_a_file_says_which(tmp_path: Path) -> None:
+    missing = LocalStorage(tmp_path / "Volumes" / "Backup")
+    with pytest.raises(BucketNotFoundError, match="does not exist") as ei:
+        await missing.list("partial/")
+    assert "mount the disk" in ei.value.fix
+    assert not (tmp_path / "Volumes").exists()  # a folder the user named is never made
+    afile = tmp_path / "backups.tar"
+    afile.write_bytes(b"x")
+    with pytest.raises(BucketNotFoundError, match="is a file, not a directory"):
+        await LocalStorage(afile).put_bytes("partial/x/manifest.json", b"{}")
+    ours = LocalStorage(tmp_path / "share" / "backups", create=True)
+    await ours.put_bytes("partial/x/manifest.json", b"{}")
+    assert (tmp_path / "share" / "backups" / "partial" / "x" / "manifest.json").read_bytes() == b"{}"
