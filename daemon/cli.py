@@ -479,6 +479,11 @@ def can_ask() -> bool:
     is_flag=True,
     help="Delete the previous state kept as *.pre-restore (and what interrupted restores left).",
 )
+@click.option(
+    "--undo",
+    is_flag=True,
+    help="Put back what the last restore replaced (or mend one that stopped half-way).",
+)
 @click.option("--yes", is_flag=True, help="Do not ask; required without a terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
@@ -491,11 +496,17 @@ def restore_cmd(
     latest: bool,
     output: str | None,
     clean_up: bool,
+    undo: bool,
     yes: bool,
     as_json: bool,
 ) -> None:
     """Restore backup TIMESTAMP (see `list`), or state.db to a point in time (--at/--latest)."""
     cfg = obj.config()
+    if undo:
+        if timestamp or btype or services or at or latest or output or clean_up:
+            raise UsageError("--undo takes no backup, time, output or --clean-up", "run it on its own")
+        _restore_undo(cfg, yes=yes, as_json=as_json)
+        return
     if clean_up:
         if timestamp or btype or services or at or latest or output:
             raise UsageError("--clean-up takes no backup, time or output", "run it on its own")
@@ -588,12 +599,15 @@ def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
     """Delete what earlier restores kept aside; asks first (on a terminal) or needs --yes."""
     from .lock import root_lock
     from .restore import remove_leftovers, restore_leftovers, tree_bytes
+    from .restore_record import check_not_interrupted, put_back_record
 
     interactive = can_ask()
 
     async def go() -> dict[str, Any]:
         # Under the root's lock: a restore in progress owns its staging directory and trash.
         async with root_lock(cfg.root, "restore --clean-up", wait=cfg.schedule.lock_wait_seconds):
+            # A half-swapped root's *.pre-restore items may be all that is left of its old state.
+            await asyncio.to_thread(check_not_interrupted, cfg.root)
             found = await asyncio.to_thread(restore_leftovers, cfg.root)
             sizes = [await asyncio.to_thread(tree_bytes, p) for p in found]
             names = [_relative_to_root(p, cfg.root) for p in found]
@@ -612,6 +626,8 @@ def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
 
                     raise RestoreError("clean-up cancelled; nothing was deleted", "")
             await asyncio.to_thread(remove_leftovers, found)
+            # what the last restore kept is gone, so there is nothing left to undo
+            await asyncio.to_thread(put_back_record, cfg.root, None)
             if found:
                 log.info("restore_leftovers_removed", items=names, size_bytes=sum(sizes))
             return {"root": str(cfg.root), "removed": names, "size_bytes": sum(sizes)}
@@ -623,6 +639,50 @@ def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
         click.echo(f"Removed {', '.join(result['removed'])} ({human_size(result['size_bytes'])} freed).")
     else:
         click.echo(f"Nothing kept by earlier restores in {cfg.root}.")
+
+
+def _restore_undo(cfg: Config, *, yes: bool, as_json: bool) -> None:
+    """`restore --undo`: asks first (on a terminal) or needs --yes, like a restore."""
+    from .lock import root_lock
+    from .undo import UndoPlan, undo_restore
+
+    interactive = can_ask()
+    if not yes and not interactive:
+        raise UsageError("undoing a restore replaces live data and needs confirmation", "add --yes")
+
+    async def confirm(plan: UndoPlan) -> bool:
+        if yes:
+            return True
+        click.echo(f"This will stop tinyserved and {plan.describe(cfg.root)}.", err=True)
+        return await asyncio.to_thread(click.confirm, "Continue?", default=False, err=True)
+
+    async def go() -> Any:
+        async with root_lock(cfg.root, "restore --undo", wait=cfg.schedule.lock_wait_seconds):
+            return await undo_restore(cfg, confirm=confirm)
+
+    result = run_async(go)
+    if as_json:
+        echo_json(result.to_json())
+        return
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if result.state == "swapping":
+        click.echo(
+            f"Rolled back the restore of {result.undid} that had stopped half-way "
+            f"({result.renames} rename(s)); the root is as it was before it."
+        )
+    elif result.state == "undoing":
+        click.echo(f"Finished undoing the restore of {result.undid} ({result.renames} rename(s)).")
+    else:
+        back = ", ".join(result.put_back) or "nothing (all it restored was new)"
+        click.echo(f"Undid the restore of {result.undid}: put back {back}.")
+    if result.undone_dir:
+        click.echo(
+            f"What it had restored is kept in {result.undone_dir} "
+            "(`tinyserve-backup restore --clean-up` removes it)."
+        )
+    if result.images_left_loaded:
+        click.echo(f"Docker images it loaded stay loaded: {', '.join(result.images_left_loaded)}")
 
 
 def _relative_to_root(p: Path, root: Path) -> str:
@@ -679,7 +739,8 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
                         out = str(cfg.root / "state.db")
                         finished.append({**res.as_dict(), "output": out, "kept_aside": aside})
 
-                    await swap_database(cfg, staged, swapped=swapped)
+                    when = res.as_dict()["restored_to"]
+                    await swap_database(cfg, staged, swapped=swapped, backup=f"point-in-time {when}")
                 finally:
                     await asyncio.to_thread(staged.unlink, True)
                 # Like a backup restore: is tinyserved up on the restored database?

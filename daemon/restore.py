@@ -28,6 +28,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -40,6 +41,15 @@ from .config import Config
 from .errors import BackupError, EncryptionError, IntegrityError, RestoreError, UsageError
 from .fsutil import sync_filesystem, sync_renames
 from .manifest import BackupRef, ObjectEntry, find_backup
+from .restore_record import (
+    DONE,
+    SWAPPING,
+    RestoreRecord,
+    check_not_interrupted,
+    put_back_record,
+    read_record,
+    write_record,
+)
 from .service import Tinyserved
 from .snapshot import JOURNAL_MODES, integrity_check, set_journal_mode
 from .storage import Storage
@@ -117,48 +127,100 @@ def archive_codec(e: ObjectEntry) -> Codec | Literal["auto"]:
     return cast(Codec, e.codec) if e.codec in CODECS else "auto"
 
 
-class Swap:
-    """Step 3: move live items aside and staged ones in, journaled so a failure can undo it all."""
+Move = tuple[Path, Path]
 
-    def __init__(self, root: Path) -> None:
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Swap:
+    """Renames in the root, journaled so a failure can undo them all, and recorded on disk first
+    (``restore_record``) so a crash half-way can be undone by the next ``restore --undo``."""
+
+    def __init__(self, root: Path, backup: str = "") -> None:
         self.root = root
-        self.journal: list[tuple[Path, Path]] = []
+        self.backup = backup
+        self.at = now_rfc3339()
+        self.journal: list[Move] = []
         # the previous restore's leftovers, deleted once this one has succeeded
         self.trash = root / f".restore-trash-{secrets.token_hex(4)}"
+        self.kept: list[dict[str, Any]] = []  # per item: its name and what was kept aside for it
+        self._record_before: RestoreRecord | None = None
+        self._recorded = False
 
     def _move(self, src: Path, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)
         self.journal.append((src, dst))
 
-    def apply(self, items: list[StagedItem]) -> list[str]:
-        """Swap every item in; returns the root-relative names kept aside as ``*.pre-restore``."""
+    def plan(self, items: list[StagedItem]) -> list[Move]:
+        """Every rename that swaps ``items`` in, in order; fills ``kept``."""
         root = self.root
-        root.mkdir(parents=True, exist_ok=True)
-        aside: list[str] = []
+        moves: list[Move] = []
+        self.kept = []
         for item in items:
             live = root / item.rel
             pre = live.with_name(live.name + PRE)
+            kept: list[str] = []
             if os.path.lexists(pre):
-                self._move(pre, self.trash / item.rel)
+                moves.append((pre, self.trash / item.rel))
             side = [root / n for n in DB_SIDE_FILES] if item.rel == "state.db" else []
             for s in side:
                 spre = s.with_name(s.name + PRE)
                 if os.path.lexists(spre):
-                    self._move(spre, self.trash / s.name)
+                    moves.append((spre, self.trash / s.name))
             if os.path.lexists(live):
-                self._move(live, pre)
-                aside.append(str(pre.relative_to(root)))
+                moves.append((live, pre))
+                kept.append(str(pre.relative_to(root)))
             for s in side:
                 if os.path.lexists(s):
                     # kept with the database: its last commits may be only in the -wal
-                    self._move(s, s.with_name(s.name + PRE))
-                    aside.append(s.name + PRE)
-            self._move(item.staged, live)
-        # The renames themselves, durable once the restore reports success (the root's parent
+                    moves.append((s, s.with_name(s.name + PRE)))
+                    kept.append(s.name + PRE)
+            moves.append((item.staged, live))
+            self.kept.append({"rel": item.rel, "kept": kept})
+        return moves
+
+    def run(self, moves: list[Move], record: RestoreRecord | None) -> None:
+        """Make ``moves``, after writing ``record`` (the plan) to disk; then make them durable."""
+        if record is not None:
+            self._record_before = read_record(self.root)
+            write_record(self.root, record)
+            self._recorded = True
+        for src, dst in moves:
+            self._move(src, dst)
+        # The renames themselves, durable once the command reports success (the root's parent
         # too: the root may be new).
-        sync_renames(sorted({root.parent, *((root / i.rel).parent for i in items)}))
-        return aside
+        sync_renames(sorted({self.root.parent, *(p.parent for m in moves for p in m)}))
+
+    def apply(self, items: list[StagedItem]) -> list[str]:
+        """Swap every item in; returns the root-relative names kept aside as ``*.pre-restore``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        moves = self.plan(items)
+        before = read_record(self.root)
+        record = RestoreRecord(
+            SWAPPING,
+            self.backup,
+            self.at,
+            moves=[[str(a), str(b)] for a, b in moves],
+            previous=before.to_dict() if before else None,
+        )
+        self.run(moves, record)
+        return [k for item in self.kept for k in item["kept"]]
+
+    def commit(self, images: list[str] | None = None) -> None:
+        """The restore stands: record what it kept aside, for `restore --undo`."""
+        try:
+            write_record(
+                self.root, RestoreRecord(DONE, self.backup, self.at, items=self.kept, images=images or [])
+            )
+        except OSError as exc:
+            # The restore is done either way. A record left at "swapping" would have the next
+            # --undo roll a finished restore back, so rather none at all.
+            log.warning("restore_record_not_written", error=str(exc))
+            with contextlib.suppress(OSError):
+                put_back_record(self.root, None)
 
     def rollback(self) -> list[str]:
         """Move everything back, newest first; returns the moves it could not make ("dst -> src").
@@ -166,7 +228,8 @@ class Swap:
         It never deletes. Something found where an item must go back is renamed aside, not
         removed (it may be the user's data). A move that fails stops the rollback there: each
         earlier move would go onto a path the failed one still occupies, so carrying on would
-        push user data out of the way or worse.
+        push user data out of the way or worse. The record then still says what was planned, so
+        `restore --undo` can finish the job once the cause is fixed.
         """
         while self.journal:
             src, dst = self.journal[-1]
@@ -181,10 +244,23 @@ class Swap:
                 log.error("rollback_stopped", src=str(src), dst=str(dst), error=str(exc), left=left)
                 return left
             self.journal.pop()
+        remove_empty_dirs(self.trash)  # what the rollback emptied; not to be listed as a leftover
+        if self._recorded:
+            try:
+                put_back_record(self.root, self._record_before)
+            except OSError as exc:
+                log.warning("restore_record_not_put_back", error=str(exc))
         return []
 
     def discard_trash(self) -> None:
         shutil.rmtree(self.trash, ignore_errors=True)
+
+
+def remove_empty_dirs(top: Path) -> None:
+    """``top`` and the directories under it, when empty (files are never touched)."""
+    for dirpath, _dirs, _files in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
 
 
 async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
@@ -198,8 +274,8 @@ async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
         raise RestoreError(
             f"the restore failed and could not put everything back; tinyserved was left stopped. "
             f"Still to move back (newest first): {'; '.join(left)}",
-            "make those moves by hand (mv), then start tinyserved; the log event rollback_stopped "
-            "has the details",
+            "fix the cause (the log event rollback_stopped has it), then run `tinyserve-backup "
+            "restore --undo`, which finishes the job, or make those moves by hand and start tinyserved",
         )
     with contextlib.suppress(BackupError):
         await through_cancel(tinyserved.start())
@@ -207,16 +283,28 @@ async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
 
 async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -> list[str]:
     """Stop tinyserved, swap ``items`` in; on failure or cancellation put everything back first."""
+    await asyncio.to_thread(check_not_interrupted, swap.root)
+    db = any(i.rel == "state.db" for i in items)
+    aside_db = swap.root / f"state.db{PRE}" if db else None
+    return await swap_with_tinyserved_stopped(swap, tinyserved, lambda: swap.apply(items), aside_db)
+
+
+async def swap_with_tinyserved_stopped(
+    swap: Swap, tinyserved: Tinyserved, apply: Callable[[], list[str]], aside_db: Path | None
+) -> list[str]:
+    """Stop tinyserved, run ``apply`` (renames through ``swap``); on failure or cancellation put
+    everything back first and start tinyserved again. ``aside_db``: where the live state.db goes,
+    when it is among the renames: every other process must have let go of it first, and must
+    not have opened it again meanwhile."""
     aside: list[str] = []
     _, cancelled = await through_cancel(tinyserved.stop())
     if not cancelled:
         try:
-            db = any(i.rel == "state.db" for i in items)
-            if db:
+            if aside_db is not None:
                 await tinyserved.wait_released(swap.root / "state.db")
-            aside, cancelled = await through_cancel(asyncio.to_thread(swap.apply, items))
-            if db and not cancelled:
-                await tinyserved.check_not_reopened(swap.root / f"state.db{PRE}")
+            aside, cancelled = await through_cancel(asyncio.to_thread(apply))
+            if aside_db is not None and not cancelled:
+                await tinyserved.check_not_reopened(aside_db, swap.root)
         except BaseException:
             await _undo(swap, tinyserved)
             raise
@@ -473,6 +561,8 @@ class RestoreJob:
     async def run(
         self, ts: str, btype: str | None = None, services: list[str] | None = None
     ) -> RestoreResult:
+        # before any download: over a half-swapped root a restore would mix two states for good
+        await asyncio.to_thread(check_not_interrupted, self.root)
         plan = await self.plan(ts, btype, services)
         if plan.ref.manifest.encrypted and self.decryptor is None:
             raise EncryptionError(
@@ -508,7 +598,7 @@ class RestoreJob:
                 raise asyncio.CancelledError
 
     async def _apply(self, plan: RestorePlan, items: list[StagedItem]) -> RestoreResult:
-        swap = Swap(self.root)
+        swap = Swap(self.root, f"{plan.ref.type}/{plan.ref.timestamp}")
         loaded: list[str] = []
         integrity = "not restored"
         if self._load is not None and self._load.done():
@@ -544,6 +634,8 @@ class RestoreJob:
             if isinstance(exc, OSError):
                 raise disk_error(exc, self.root) from None
             raise
+        _, late = await through_cancel(asyncio.to_thread(swap.commit, loaded))
+        interrupted = interrupted or late
         cancelled = await start_on_new_state(swap, self.tinyserved)
         # From here the restore stands, whatever interrupts: what was done is kept for the caller
         # to report, so "interrupted" is never read as "nothing happened".
@@ -583,7 +675,7 @@ class RestoreJob:
 # never takes a user's file, or the staging of another root whose name merely starts alike.
 _HEX8 = "[0-9a-f]{8}"
 _ROOT_LEFTOVER = re.compile(
-    rf"\.restore-trash-{_HEX8}|\.state\.db\.pitr-\d+|\.\.state\.db\.pitr-\d+\.pitr-{_HEX8}(\.download|\.age)?"
+    rf"\.restore-(trash|undone)-{_HEX8}|\.state\.db\.pitr-\d+|\.\.state\.db\.pitr-\d+\.pitr-{_HEX8}(\.download|\.age)?"
 )
 
 
@@ -644,18 +736,21 @@ async def swap_database(
     tinyserved: Tinyserved | None = None,
     *,
     swapped: Callable[[list[str]], None] | None = None,
+    backup: str = "point-in-time",
 ) -> list[str]:
     """Replace the live state.db with an already verified file (used by point-in-time restore).
 
     ``swapped`` is told what was kept aside as soon as the new database is in place: a
     cancellation after that point ends the command, not the restore, and the caller reports it.
+    ``backup`` names what was restored in the record `restore --undo` reads.
     """
     ts = tinyserved or Tinyserved.from_config(cfg)
-    swap = Swap(cfg.root)
+    swap = Swap(cfg.root, backup)
     aside = await swap_in(swap, [StagedItem("state.db", staged_db)], ts)
     if swapped is not None:
         swapped(aside)
-    if await start_on_new_state(swap, ts):
+    _, late = await through_cancel(asyncio.to_thread(swap.commit))
+    if await start_on_new_state(swap, ts) or late:
         log.warning("restore_finished_despite_cancel", backup="point-in-time")
         raise asyncio.CancelledError
     return aside

@@ -140,11 +140,11 @@ class Tinyserved:
                 waiting = True
             await asyncio.sleep(min(RELEASE_POLL_S, remaining))
 
-    async def check_not_reopened(self, aside: Path) -> None:
+    async def check_not_reopened(self, aside: Path, root: Path | None = None) -> None:
         """After the renames: fail (to be rolled back) if something opened the old database (now
-        ``aside``, beside the new one) between the last look and the rename, e.g. a service
-        manager starting tinyserved again."""
-        held = await holders(db_files(aside), ours(aside.parent), limit_s=HOLDERS_MIN_S)
+        ``aside``; in ``root``, by default beside it) between the last look and the rename, e.g. a
+        service manager starting tinyserved again."""
+        held = await holders(db_files(aside), ours(root or aside.parent), limit_s=HOLDERS_MIN_S)
         if held:
             raise ServiceControlError(
                 f"{_who(held)} opened state.db while the restore replaced it; everything was put back",

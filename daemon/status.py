@@ -227,10 +227,24 @@ def status_command(cfg: Any, as_json: bool) -> tuple[str, int]:
     kept = _restore_leftovers(cfg.root)
     if kept is not None:
         d["restore_leftovers"] = kept
+    last = _last_restore(cfg.root)
+    if last is not None:
+        d["last_restore"] = last
     if as_json:
         text = json.dumps(d, indent=2, default=str)
     else:
         text = render_human(d, now)
+        if last is not None and last["state"] in ("swapping", "undoing"):
+            what = "a restore" if last["state"] == "swapping" else "an undo of a restore"
+            text += (
+                f"\nINTERRUPTED: {what} of {last['backup']} stopped half-way ({last['at']}); "
+                "run `tinyserve-backup restore --undo` to put the root right"
+            )
+        elif last is not None and last["state"] == "done":
+            text += (
+                f"\nlast restore: {last['backup']} ({last['at']}); "
+                "`tinyserve-backup restore --undo` puts back what it replaced"
+            )
         if kept is not None:
             text += (
                 f"\nkept by earlier restores: {kept['items']} item(s), {_size(kept['size_bytes'])}"
@@ -250,6 +264,17 @@ def _restore_leftovers(root: Path) -> dict[str, int] | None:
         return {"items": len(found), "size_bytes": sum(tree_bytes(p) for p in found)}
     except OSError:
         return None  # an unreadable root says nothing here; the other commands will
+
+
+def _last_restore(root: Path) -> dict[str, str] | None:
+    from .errors import RestoreError
+    from .restore_record import read_record
+
+    try:
+        rec = read_record(root)
+    except RestoreError as exc:
+        return {"state": "unreadable", "backup": "?", "at": "?", "error": exc.message}
+    return None if rec is None else {"state": rec.state, "backup": rec.backup, "at": rec.at}
 
 
 def remove_status(path: Path) -> None:

@@ -1,0 +1,281 @@
+"""`restore --undo`: put back what the last restore replaced, or mend an interrupted one.
+
+It works from the restore's record (``restore_record``), never from whatever ``*.pre-restore``
+items happen to lie around: only the last restore's own, and the database always with its own
+``-wal``/``-shm``. Nothing is deleted. What the undone restore put in place moves to
+``.restore-undone-<hex>`` in the root, where ``restore --clean-up`` finds it.
+
+Three cases, by the record's state:
+  - ``done``: the restore finished; its items go to the undone directory, the kept ones back;
+  - ``swapping``: a restore stopped half-way (a crash); the renames it made are reversed;
+  - ``undoing``: an undo stopped half-way; the renames it planned are finished.
+Every rename is worked out and checked against the disk before the first one is made: when the
+root does not look the way the record says (an item missing, or in the way), nothing changes.
+Like a restore, it stops tinyserved first (and waits for state.db to be let go) and starts it after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .cancel import through_cancel
+from .config import Config
+from .errors import RestoreError
+from .restore import (
+    DB_SIDE_FILES,
+    PRE,
+    Move,
+    Swap,
+    now_rfc3339,
+    remove_empty_dirs,
+    start_on_new_state,
+    swap_with_tinyserved_stopped,
+)
+from .restore_record import (
+    DONE,
+    SWAPPING,
+    UNDOING,
+    RestoreRecord,
+    put_back_record,
+    read_record,
+    record_path,
+)
+from .service import Tinyserved
+
+log = structlog.get_logger(__name__)
+
+UNDONE_PREFIX = ".restore-undone-"
+
+
+@dataclass
+class UndoPlan:
+    record: RestoreRecord
+    moves: list[Move]
+    # what the root will hold again afterwards, and where the undone restore's items go
+    put_back: list[str] = field(default_factory=list)
+    undone_dir: Path | None = None
+
+    def describe(self, root: Path) -> str:
+        r = self.record
+        if r.state == SWAPPING:
+            return (
+                f"roll back the restore of {r.backup} that stopped half-way ({r.at}): "
+                f"{len(self.moves)} rename(s) in {root}"
+            )
+        if r.state == UNDOING:
+            return f"finish the undo of the restore of {r.backup}: {len(self.moves)} rename(s) in {root}"
+        back = ", ".join(self.put_back) or "nothing (everything it restored was new)"
+        where = self.undone_dir.name if self.undone_dir else "?"
+        return (
+            f"undo the restore of {r.backup} ({r.at}): put back {back}; what it restored moves to "
+            f"{where} in {root}"
+        )
+
+
+class _Disk:
+    """Which paths exist, as a sequence of renames would leave them (nothing moved for real)."""
+
+    def __init__(self) -> None:
+        self.gone: set[Path] = set()
+        self.there: set[Path] = set()
+
+    def exists(self, p: Path) -> bool:
+        return p in self.there or (p not in self.gone and os.path.lexists(p))
+
+    def move(self, src: Path, dst: Path) -> None:
+        self.gone.add(src)
+        self.there.discard(src)
+        self.there.add(dst)
+        self.gone.discard(dst)
+
+
+def _moves(rec: RestoreRecord) -> list[Move]:
+    return [(Path(a), Path(b)) for a, b in rec.moves]
+
+
+def _differs(root: Path, why: str) -> RestoreError:
+    return RestoreError(
+        f"{root} no longer looks the way the last restore left it ({why}); nothing was changed",
+        f"put it right by hand (README: going back by hand), then delete the record {record_path(root)}",
+    )
+
+
+def _after(moves: list[Move], k: int) -> bool:
+    """Whether the disk looks like the first ``k`` of ``moves`` were made and none of the others:
+    each made one can be reversed in turn, and each other one can still be made in turn."""
+    back = _Disk()
+    for src, dst in reversed(moves[:k]):
+        if back.exists(src) or not back.exists(dst):
+            return False
+        back.move(dst, src)
+    ahead = _Disk()
+    for src, dst in moves[k:]:
+        if not ahead.exists(src) or ahead.exists(dst):
+            return False
+        ahead.move(src, dst)
+    return True
+
+
+def _made(root: Path, moves: list[Move]) -> int:
+    """How many of ``moves`` were made. They are made strictly in order, so it is a prefix (a
+    rollback cut short shortens it again); the only question is how long, and exactly one length
+    must fit what is on disk. (A path can be both a move's source and a later one's destination,
+    as the live state.db is, so no single move can be judged on its own.)"""
+    fits = [k for k in range(len(moves) + 1) if _after(moves, k)]
+    if len(fits) != 1:
+        raise _differs(root, "its items are neither where it left them nor where it meant to put them")
+    return fits[0]
+
+
+def _rollback_moves(root: Path, rec: RestoreRecord) -> list[Move]:
+    """An interrupted restore: the renames it made, reversed, newest first."""
+    moves = _moves(rec)
+    return [(dst, src) for src, dst in reversed(moves[: _made(root, moves)])]
+
+
+def _remaining_moves(root: Path, rec: RestoreRecord) -> list[Move]:
+    """An interrupted undo: the planned renames it had not made yet, in order."""
+    moves = _moves(rec)
+    return moves[_made(root, moves) :]
+
+
+def _undo_moves(root: Path, rec: RestoreRecord) -> tuple[list[Move], list[str], Path]:
+    """A finished restore: its items aside, what it kept back in their place."""
+    undone = root / f"{UNDONE_PREFIX}{secrets.token_hex(4)}"
+    disk = _Disk()
+    moves: list[Move] = []
+    put_back: list[str] = []
+    for item in rec.items:
+        rel = str(item["rel"])
+        live = [root / rel]
+        if rel == "state.db":
+            # the database now in place goes with its own -wal/-shm, never leaving them to the old one
+            live += [root / n for n in DB_SIDE_FILES]
+        for p in live:
+            if disk.exists(p):
+                moves.append((p, undone / p.relative_to(root)))
+                disk.move(*moves[-1])
+        for k in item.get("kept", []):
+            src = root / str(k)
+            if not str(k).endswith(PRE) or not disk.exists(src):
+                raise _differs(root, f"{src} is missing")
+            dst = root / str(k)[: -len(PRE)]
+            if disk.exists(dst):
+                raise _differs(root, f"{dst} is in the way")
+            moves.append((src, dst))
+            disk.move(src, dst)
+            put_back.append(str(k)[: -len(PRE)])
+    return moves, put_back, undone
+
+
+def plan_undo(root: Path) -> UndoPlan:
+    rec = read_record(root)
+    if rec is None:
+        raise RestoreError(
+            f"there is no restore to undo in {root}",
+            "restores record what they replace for --undo; going back from older ones is by hand "
+            "(README: going back by hand)",
+        )
+    if rec.state == SWAPPING:
+        return UndoPlan(rec, _rollback_moves(root, rec))
+    if rec.state == UNDOING:
+        undone = Path(rec.undone_dir) if rec.undone_dir else None
+        return UndoPlan(rec, _remaining_moves(root, rec), undone_dir=undone)
+    moves, put_back, undone = _undo_moves(root, rec)
+    return UndoPlan(rec, moves, put_back, undone)
+
+
+def undoing_record(plan: UndoPlan) -> RestoreRecord | None:
+    """What to write before the first rename of ``plan``, so a crash half-way is finished by the
+    next --undo; None when the record on disk already says what to do (a rollback or a finish)."""
+    rec = plan.record
+    if rec.state != DONE:
+        return None
+    return RestoreRecord(
+        UNDOING,
+        rec.backup,
+        now_rfc3339(),
+        moves=[[str(a), str(b)] for a, b in plan.moves],
+        images=rec.images,
+        undone_dir=str(plan.undone_dir),
+    )
+
+
+def _in_trash(root: Path, p: Path) -> bool:
+    return p.is_relative_to(root) and p.relative_to(root).parts[0].startswith(".restore-trash-")
+
+
+def _touches_db(root: Path, moves: list[Move]) -> Path | None:
+    """Where the live state.db goes, when the renames move it."""
+    live = root / "state.db"
+    return next((dst for src, dst in moves if src == live), None)
+
+
+@dataclass
+class UndoResult:
+    undid: str  # the restore's backup
+    state: str  # the record's state it started from: done, swapping, undoing
+    renames: int
+    put_back: list[str]
+    undone_dir: str | None
+    images_left_loaded: list[str]
+    warnings: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+async def undo_restore(
+    cfg: Config, *, tinyserved: Tinyserved | None = None, confirm: Any = None
+) -> UndoResult:
+    """Undo the last restore of ``cfg.root`` (the caller holds the root's lock)."""
+    root = cfg.root
+    ts = tinyserved or Tinyserved.from_config(cfg)
+    plan = await asyncio.to_thread(plan_undo, root)
+    rec = plan.record
+    if confirm is not None and not await confirm(plan):
+        raise RestoreError("undo cancelled; nothing was changed", "")
+    swap = Swap(root, rec.backup)
+    record = undoing_record(plan)
+
+    def apply() -> list[str]:
+        swap.run(plan.moves, record)
+        return []
+
+    if plan.moves:
+        await swap_with_tinyserved_stopped(swap, ts, apply, _touches_db(root, plan.moves))
+    if rec.state == SWAPPING:
+        # the trash the cut-short restore made for an older restore's leftovers, emptied now
+        trash = {root / dst.relative_to(root).parts[0] for _, dst in _moves(rec) if _in_trash(root, dst)}
+        for d in trash:
+            await asyncio.to_thread(remove_empty_dirs, d)
+    # Done: this record has nothing left to undo. A rolled-back restore leaves the one before
+    # it in force again (its *.pre-restore items were put back with everything else).
+    after = rec.previous if rec.state == SWAPPING else None
+    _, late = await through_cancel(asyncio.to_thread(put_back_record, root, after))
+    warnings: list[str] = []
+    if plan.moves:
+        cancelled = await start_on_new_state(swap, ts)
+        if cancelled or late:
+            raise asyncio.CancelledError
+        ok, status = await ts.wait_ready()
+        if not ok:
+            warnings.append(f"tinyserve status reports a problem: {status[-200:]}")
+    log.info("restore_undone", backup=rec.backup, state=rec.state, renames=len(plan.moves))
+    undone = plan.undone_dir
+    return UndoResult(
+        undid=rec.backup,
+        state=rec.state,
+        renames=len(plan.moves),
+        put_back=plan.put_back,
+        undone_dir=str(undone.relative_to(root)) if undone and undone.exists() else None,
+        images_left_loaded=rec.images,
+        warnings=warnings,
+    )
