@@ -24,6 +24,7 @@ import structlog
 from . import __version__
 from .config import Config
 from .errors import BackupError, UsageError
+from .fsutil import make_private_dirs
 from .manifest import Manifest, ObjectEntry, format_ts
 from .service import run_command, tinyserve_version
 from .snapshot import snapshot_database
@@ -349,7 +350,7 @@ class BackupJob:
         started = self.now()
         log.info("backup_started", backup=f"{btype}/{ts}", destination=self.storage.url)
         tmp_base = self.cfg.state_dir / "tmp"
-        await asyncio.to_thread(tmp_base.mkdir, parents=True, exist_ok=True, mode=0o700)
+        await asyncio.to_thread(make_private_dirs, tmp_base)
         tmpdir = tmp_base / f"backup-{ts}-{secrets.token_hex(4)}"
         await asyncio.to_thread(tmpdir.mkdir, mode=0o700)
         entries: list[ObjectEntry] = []

@@ -32,6 +32,7 @@ import pyrage
 import structlog
 
 from .errors import EncryptionError, IntegrityError, UsageError
+from .fsutil import make_private_dirs
 from .streams import MiB
 
 log = structlog.get_logger(__name__)
@@ -203,7 +204,7 @@ def write_new_identity(path: Path, kp: KeyPair) -> None:
             "pass another --output, or move the old key away first (backups encrypted to it still "
             "need it to restore)",
         )
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -41,6 +41,25 @@ def fsync_dir(directory: Path, *, strict: bool = True) -> None:
         os.close(fd)
 
 
+def make_private_dirs(path: Path) -> None:
+    """``path`` and its missing parents, each 0700 whatever the umask.
+
+    ``Path.mkdir(parents=True, mode=…)`` gives the parents the umask's default instead: under a
+    umask like 0277 they come out 0500, and the next directory down cannot be created in them.
+    """
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+            os.chmod(d, 0o700)
+
+
 def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: ``mode`` (private by default) from the first byte, fsync'd,
     atomic rename.
@@ -50,7 +69,7 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
     """
     if isinstance(data, str):
         data = data.encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:

@@ -37,7 +37,7 @@ from typing import Final, Literal, NamedTuple
 import structlog
 
 from daemon.errors import CredentialsError
-from daemon.fsutil import write_atomic
+from daemon.fsutil import make_private_dirs, write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -362,7 +362,7 @@ _FILE_HEADER = """\
 def _file_store(path: Path, access_key_id: str, secret: str) -> None:
     path = path.expanduser().absolute()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(path.parent)
     except OSError as exc:
         raise CredentialsError(
             f"cannot create {path.parent}: {exc.strerror}",

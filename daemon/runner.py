@@ -475,6 +475,9 @@ class Daemon:
         fire = due_fire(self.specs[name], self.records.job(name), self.clock.now() + timedelta(seconds=slack))
         if fire is None:
             return False
+        if reason == "catch-up" and (self.clock.now() - fire).total_seconds() < FIRE_TOLERANCE_S:
+            # On time: the wake-up check got there just before the scheduler's own timer.
+            reason = "schedule"
         self.pending[name] = reason
         self.queue.put_nowait((name, fire))
         log.info("job_queued", type=name, trigger=reason, fire_time=_iso(fire))

@@ -25,7 +25,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from . import paths
 from .errors import ConfigError
-from .fsutil import write_atomic
+from .fsutil import make_private_dirs, write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -297,7 +297,7 @@ class JobRecords:
         return rec if isinstance(rec, dict) else {}
 
     def update(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dirs(self.path.parent)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

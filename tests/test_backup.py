@@ -270,15 +270,26 @@ async def test_cut_during_upload_is_retried(
 ) -> None:
     big = make_root(tmp_path / "big", size="24MB", seed=3)
     proxied_storage.part_size = 5 * 1024 * 1024
-    loop = asyncio.get_running_loop()
+    started = asyncio.get_running_loop().time()
 
-    def cut_soon() -> None:
+    async def cut_mid_upload() -> None:
+        # Once a part's worth has gone through (not on a timer: under load a timer cut the
+        # listing before the upload began). Healed well inside the retries' own waits (0.35 s
+        # at least over FAST_RETRY's four attempts), so the backup must get through.
+        while fault_proxy.bytes_forwarded < 6 * 1024 * 1024:
+            assert asyncio.get_running_loop().time() - started < 60, "the upload never got going"
+            await asyncio.sleep(0.01)
+        before = fault_proxy.connections
         fault_proxy.cut()
-        loop.call_later(0.4, fault_proxy.heal)
+        await asyncio.sleep(0.15)
+        fault_proxy.heal()
+        cut_at.append(before)
 
-    loop.call_later(0.3, cut_soon)
+    cut_at: list[int] = []
+    cutter = asyncio.create_task(cut_mid_upload())
     res = await BackupJob(cfg_for(big.path), proxied_storage).run("full")
-    assert fault_proxy.connections > 1
+    await asyncio.wait_for(cutter, 10)
+    assert cut_at and fault_proxy.connections > cut_at[0]  # the cut was during the backup
     from daemon.verify import verify_backup
 
     ref = (await list_backups(proxied_storage, "full"))[0]

@@ -54,9 +54,16 @@ class Daemon:
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _write_offset(self) -> None:
+        # Replaced whole: the daemon rereads it at every clock read, and a file caught half
+        # written (empty) reads as no offset, a jump of days back and forth.
+        tmp = self.offset_file.with_name(self.offset_file.name + ".tmp")
+        tmp.write_text(repr(self.offset))
+        os.replace(tmp, self.offset_file)
+
     def _set_offset(self) -> None:
         self.offset = (self.virtual_now - datetime.now(UTC)).total_seconds()
-        self.offset_file.write_text(repr(self.offset))
+        self._write_offset()
 
     def start(self) -> Daemon:
         # The virtual clock reads `virtual_now` at the spawn, whatever ran before (a `status` call
@@ -79,7 +86,7 @@ class Daemon:
     def sleep_for(self, seconds: float) -> None:
         """Simulate the machine sleeping: the daemon's wall clock jumps ahead."""
         self.offset += seconds
-        self.offset_file.write_text(repr(self.offset))
+        self._write_offset()
 
     def events(self) -> list[dict[str, Any]]:
         try:

@@ -67,6 +67,18 @@ def test_file_store_is_0600_whatever_the_umask(
     assert load_credentials(backend="file") == (KEY_ID, SECRET)
 
 
+def test_private_dirs_are_usable_whatever_the_umask(tmp_path: Path, umask: None) -> None:
+    """Under umask 0277, mkdir -p made the parents 0500: a non-root user then could not create
+    the next directory down (as root the test of the store above passes regardless)."""
+    from daemon.fsutil import make_private_dirs
+
+    os.umask(0o277)
+    make_private_dirs(tmp_path / "u" / ".config" / "tinyserve-backup")
+    for d in ("u", "u/.config", "u/.config/tinyserve-backup"):
+        assert stat.S_IMODE((tmp_path / d).stat().st_mode) == 0o700, d
+    make_private_dirs(tmp_path / "u" / ".config" / "tinyserve-backup")  # already there: fine
+
+
 def test_file_roundtrip_default_backend_on_linux(cred_file: Path, no_store_env: None) -> None:
     # The stand-in `security` is on PATH, but off macOS the file is the default store.
     assert sys.platform != "darwin"

@@ -331,6 +331,13 @@ async def test_daemon_catches_up_once_after_sleep(tmp_path: Path) -> None:
     assert d.check_due() == ["partial"]
     assert await run_queued() == ["partial"]
     assert len(list((dest / "partial").iterdir())) == 2
+    # a wake-up check just after the next 03:00, before the scheduler's own timer got to it:
+    # the job is on time, not a catch-up
+    wall[0] = datetime(2026, 1, 10, 3, 0, 0, 500_000, tzinfo=UTC).timestamp()
+    assert d.check_due() == ["partial"]
+    assert d.pending["partial"] == "schedule"
+    assert await run_queued() == ["partial"]
+    assert d.records.job("partial")["last_success"]["trigger"] == "schedule"
     assert records_path(root).exists()
     # the schedule from the config and a manual spec agree
     assert job_specs(cfg.schedule)["partial"].key == d.specs["partial"].key

@@ -87,6 +87,7 @@ class FaultProxy:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
         self.connections = 0
+        self.bytes_forwarded = 0  # both ways, for tests that act once traffic is under way
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("fault proxy did not start")
@@ -113,6 +114,7 @@ class FaultProxy:
                     break
                 if self._latency:
                     await asyncio.sleep(self._latency)
+                self.bytes_forwarded += len(data)
                 w.write(data)
                 await w.drain()
         except (ConnectionError, OSError):
