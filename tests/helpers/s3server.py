@@ -44,6 +44,20 @@ class MotoServer:
 
 
 def start_moto(extra_env: dict[str, str] | None = None, timeout: float = 30.0) -> MotoServer:
+    """A moto S3 server in its own process, on a free port.
+
+    The port is free when chosen but not reserved: on a busy machine another process can take it
+    before moto binds. Then moto exits (or something else answers), and a fresh port is tried.
+    """
+    deadline = time.monotonic() + timeout
+    for _ in range(3):
+        server = _try_moto(extra_env, deadline)
+        if server is not None:
+            return server
+    raise RuntimeError("moto server did not start: its port was taken three times")
+
+
+def _try_moto(extra_env: dict[str, str] | None, deadline: float) -> MotoServer | None:
     port = free_port()
     env = dict(os.environ)
     env.update(extra_env or {})
@@ -55,19 +69,36 @@ def start_moto(extra_env: dict[str, str] | None = None, timeout: float = 30.0) -
         stderr=log,
         env=env,
     )
-    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start in time") from None
-            time.sleep(0.05)
-    return MotoServer(port=port, proc=proc, env=extra_env or {})
+            return None  # most likely the port was taken meanwhile
+        if _answers_as_moto(port):
+            if proc.poll() is None:
+                return MotoServer(port=port, proc=proc, env=extra_env or {})
+            return None
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise RuntimeError("moto server did not start in time")
+        time.sleep(0.05)
+
+
+def _answers_as_moto(port: int) -> bool:
+    """moto answers on the port (not merely: something listens there). Its own API, not an S3
+    request: those count against INITIAL_NO_AUTH_ACTION_COUNT."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"GET /moto-api/data.json HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            data = b""
+            while len(data) < 65536:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return False
+    # (with auth enforced it is refused, but still by moto's server)
+    return data.startswith(b"HTTP/1.") and b"Werkzeug" in data.split(b"\r\n\r\n", 1)[0]
 
 
 class FaultProxy:
