@@ -26,6 +26,7 @@ from .config import Config
 from .errors import BackupError, UsageError
 from .fsutil import make_private_dirs
 from .manifest import Manifest, ObjectEntry, format_ts
+from .restore_record import check_not_interrupted
 from .service import run_command, tinyserve_version
 from .snapshot import snapshot_database
 from .storage import Storage
@@ -344,6 +345,8 @@ class BackupJob:
                 f"tinyserve root {self.root} does not exist",
                 "set `root` in the config or TINYSERVE_ROOT",
             )
+        # A half-swapped root (a restore cut short) backed up would become the newest backup.
+        await asyncio.to_thread(check_not_interrupted, self.root)
         t0 = time.monotonic()
         ts = await self._new_timestamp(btype)
         prefix = f"{btype}/{ts}/"

@@ -575,9 +575,9 @@ def _run_restore(go: Callable[[], Awaitable[T]], completed: Callable[[], T | Non
         return done, True
 
 
-def _exit_if_interrupted(interrupted: bool) -> None:
+def _exit_if_interrupted(interrupted: bool, what: str = "restore") -> None:
     if interrupted:
-        click.echo("interrupted after the point of no return: the restore finished (above)", err=True)
+        click.echo(f"interrupted after the point of no return: the {what} finished (above)", err=True)
         sys.exit(130)
 
 
@@ -626,9 +626,9 @@ def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
 
                     raise RestoreError("clean-up cancelled; nothing was deleted", "")
             await asyncio.to_thread(remove_leftovers, found)
-            # what the last restore kept is gone, so there is nothing left to undo
-            await asyncio.to_thread(put_back_record, cfg.root, None)
             if found:
+                # what the last restore kept is gone, so there is nothing left to undo
+                await asyncio.to_thread(put_back_record, cfg.root, None)
                 log.info("restore_leftovers_removed", items=names, size_bytes=sum(sizes))
             return {"root": str(cfg.root), "removed": names, "size_bytes": sum(sizes)}
 
@@ -656,13 +656,20 @@ def _restore_undo(cfg: Config, *, yes: bool, as_json: bool) -> None:
         click.echo(f"This will stop tinyserved and {plan.describe(cfg.root)}.", err=True)
         return await asyncio.to_thread(click.confirm, "Continue?", default=False, err=True)
 
+    finished: list[Any] = []
+
     async def go() -> Any:
         async with root_lock(cfg.root, "restore --undo", wait=cfg.schedule.lock_wait_seconds):
-            return await undo_restore(cfg, confirm=confirm)
+            return await undo_restore(cfg, confirm=confirm, done=finished.append)
 
-    result = run_async(go)
+    result, interrupted = _run_restore(go, lambda: finished[0] if finished else None)
+    _print_undo(result, as_json, interrupted)
+    _exit_if_interrupted(interrupted, "undo")
+
+
+def _print_undo(result: Any, as_json: bool, interrupted: bool) -> None:
     if as_json:
-        echo_json(result.to_json())
+        echo_json({**result.to_json(), "interrupted": interrupted})
         return
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -671,6 +678,11 @@ def _restore_undo(cfg: Config, *, yes: bool, as_json: bool) -> None:
             f"Rolled back the restore of {result.undid} that had stopped half-way "
             f"({result.renames} rename(s)); the root is as it was before it."
         )
+        if result.staging:
+            click.echo(
+                f"What it had restored is back in {result.staging} "
+                "(`tinyserve-backup restore --clean-up` removes it)."
+            )
     elif result.state == "undoing":
         click.echo(f"Finished undoing the restore of {result.undid} ({result.renames} rename(s)).")
     else:
@@ -710,6 +722,10 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
             "restoring state.db in place needs confirmation",
             "run it in a terminal, add --yes, or use --output FILE",
         )
+    if output is None:
+        from .restore_record import check_not_interrupted
+
+        check_not_interrupted(cfg.root)  # before downloading anything
     if out_path is not None:
         _check_pitr_output(out_path, cfg.root, yes=yes, interactive=interactive)
     decryptor = decryptor_from_config(cfg)

@@ -205,6 +205,8 @@ class Swap:
             self.at,
             moves=[[str(a), str(b)] for a, b in moves],
             previous=before.to_dict() if before else None,
+            root=str(self.root),
+            staged=[str(i.staged) for i in items],
         )
         self.run(moves, record)
         return [k for item in self.kept for k in item["kept"]]
@@ -212,9 +214,10 @@ class Swap:
     def commit(self, images: list[str] | None = None) -> None:
         """The restore stands: record what it kept aside, for `restore --undo`."""
         try:
-            write_record(
-                self.root, RestoreRecord(DONE, self.backup, self.at, items=self.kept, images=images or [])
+            rec = RestoreRecord(
+                DONE, self.backup, self.at, items=self.kept, images=images or [], root=str(self.root)
             )
+            write_record(self.root, rec)
         except OSError as exc:
             # The restore is done either way. A record left at "swapping" would have the next
             # --undo roll a finished restore back, so rather none at all.
@@ -263,7 +266,7 @@ def remove_empty_dirs(top: Path) -> None:
             os.rmdir(dirpath)
 
 
-async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
+async def _undo(swap: Swap, tinyserved: Tinyserved, what: str = "restore") -> None:
     """Move everything back and start tinyserved again, whatever interrupts meanwhile.
 
     If some move cannot be undone, tinyserved stays stopped (its state is half old, half new) and
@@ -272,7 +275,7 @@ async def _undo(swap: Swap, tinyserved: Tinyserved) -> None:
     left, _ = await through_cancel(asyncio.to_thread(swap.rollback))
     if left:
         raise RestoreError(
-            f"the restore failed and could not put everything back; tinyserved was left stopped. "
+            f"the {what} failed and could not put everything back; tinyserved was left stopped. "
             f"Still to move back (newest first): {'; '.join(left)}",
             "fix the cause (the log event rollback_stopped has it), then run `tinyserve-backup "
             "restore --undo`, which finishes the job, or make those moves by hand and start tinyserved",
@@ -290,7 +293,11 @@ async def swap_in(swap: Swap, items: list[StagedItem], tinyserved: Tinyserved) -
 
 
 async def swap_with_tinyserved_stopped(
-    swap: Swap, tinyserved: Tinyserved, apply: Callable[[], list[str]], aside_db: Path | None
+    swap: Swap,
+    tinyserved: Tinyserved,
+    apply: Callable[[], list[str]],
+    aside_db: Path | None,
+    what: str = "restore",
 ) -> list[str]:
     """Stop tinyserved, run ``apply`` (renames through ``swap``); on failure or cancellation put
     everything back first and start tinyserved again. ``aside_db``: where the live state.db goes,
@@ -306,10 +313,10 @@ async def swap_with_tinyserved_stopped(
             if aside_db is not None and not cancelled:
                 await tinyserved.check_not_reopened(aside_db, swap.root)
         except BaseException:
-            await _undo(swap, tinyserved)
+            await _undo(swap, tinyserved, what)
             raise
     if cancelled:
-        await _undo(swap, tinyserved)  # (nothing to move back when the stop was interrupted)
+        await _undo(swap, tinyserved, what)  # (nothing to move back when the stop was interrupted)
         raise asyncio.CancelledError
     return aside
 

@@ -41,16 +41,30 @@ class RestoreRecord:
     # swapping: the record this restore replaces, put back if it is rolled back
     previous: dict[str, Any] | None = None
     undone_dir: str | None = None  # undoing: where the restored items go
+    root: str = ""  # the root as spelled when written (the paths above start with it)
+    # swapping: the staged items among the moves' sources; gone once a failed restore cleaned up
+    staged: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RestoreRecord:
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         rec = cls(**known)
-        if rec.state not in _STATES or not isinstance(rec.moves, list):
+        if rec.state not in _STATES:
             raise ValueError(f"unknown state {rec.state!r}")
+        pairs = all(
+            isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in rec.moves
+        )
+        items = all(
+            isinstance(i, dict) and isinstance(i.get("rel"), str) and isinstance(i.get("kept", []), list)
+            for i in rec.items
+        )
+        if not (isinstance(rec.moves, list) and isinstance(rec.items, list) and pairs and items):
+            raise ValueError("its renames or items are malformed")
         return rec
 
     @property
@@ -76,7 +90,7 @@ def read_record(root: Path) -> RestoreRecord | None:
         ) from None
     try:
         return RestoreRecord.from_dict(json.loads(data))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise RestoreError(
             f"{path} is damaged ({exc}); it says which renames the last restore made",
             f"compare the *.pre-restore items in {root} by hand (README: going back by hand), then "

@@ -240,6 +240,8 @@ def status_command(cfg: Any, as_json: bool) -> tuple[str, int]:
                 f"\nINTERRUPTED: {what} of {last['backup']} stopped half-way ({last['at']}); "
                 "run `tinyserve-backup restore --undo` to put the root right"
             )
+        elif last is not None and last["state"] == "unreadable":
+            text += f"\nrestore record unreadable: {last.get('error', '?')}"
         elif last is not None and last["state"] == "done":
             text += (
                 f"\nlast restore: {last['backup']} ({last['at']}); "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,11 @@ class UndoPlan:
 
 
 class _Disk:
-    """Which paths exist, as a sequence of renames would leave them (nothing moved for real)."""
+    """Which paths exist, as a sequence of renames would leave them (nothing moved for real).
+    ``hidden`` paths count as absent whatever is on disk."""
 
-    def __init__(self) -> None:
-        self.gone: set[Path] = set()
+    def __init__(self, hidden: frozenset[Path] = frozenset()) -> None:
+        self.gone: set[Path] = set(hidden)
         self.there: set[Path] = set()
 
     def exists(self, p: Path) -> bool:
@@ -96,8 +98,29 @@ class _Disk:
         self.gone.discard(dst)
 
 
-def _moves(rec: RestoreRecord) -> list[Move]:
-    return [(Path(a), Path(b)) for a, b in rec.moves]
+def _rebaser(rec: RestoreRecord, root: Path) -> Callable[[str], Path]:
+    """The record's paths moved onto ``root`` as spelled now (the record is found by the resolved
+    root; a symlink and its target are the same root)."""
+    old = Path(rec.root) if rec.root else root
+
+    def rebase(s: str) -> Path:
+        p = Path(s)
+        for base, new in ((old, root), (old.parent, root.parent)):
+            if p.is_relative_to(base):
+                return new / p.relative_to(base)
+        return p
+
+    return rebase
+
+
+def _moves(rec: RestoreRecord, root: Path) -> list[Move]:
+    rebase = _rebaser(rec, root)
+    return [(rebase(a), rebase(b)) for a, b in rec.moves]
+
+
+def _staged(rec: RestoreRecord, root: Path) -> set[Path]:
+    rebase = _rebaser(rec, root)
+    return {rebase(s) for s in rec.staged}
 
 
 def _differs(root: Path, why: str) -> RestoreError:
@@ -107,48 +130,83 @@ def _differs(root: Path, why: str) -> RestoreError:
     )
 
 
-def _after(moves: list[Move], k: int) -> bool:
+def _after(moves: list[Move], k: int, hidden: frozenset[Path], optional: set[Path]) -> bool:
     """Whether the disk looks like the first ``k`` of ``moves`` were made and none of the others:
-    each made one can be reversed in turn, and each other one can still be made in turn."""
-    back = _Disk()
+    each made one can be reversed in turn, and each other one can still be made in turn (except
+    that an ``optional`` source may be gone: a failed restore removes its staging)."""
+    back = _Disk(hidden)
     for src, dst in reversed(moves[:k]):
         if back.exists(src) or not back.exists(dst):
             return False
         back.move(dst, src)
-    ahead = _Disk()
+    ahead = _Disk(hidden)
     for src, dst in moves[k:]:
+        if src in optional and not ahead.exists(src):
+            continue
         if not ahead.exists(src) or ahead.exists(dst):
             return False
         ahead.move(src, dst)
     return True
 
 
-def _made(root: Path, moves: list[Move]) -> int:
+def _made(root: Path, moves: list[Move], fits: Any) -> int:
     """How many of ``moves`` were made. They are made strictly in order, so it is a prefix (a
     rollback cut short shortens it again); the only question is how long, and exactly one length
     must fit what is on disk. (A path can be both a move's source and a later one's destination,
     as the live state.db is, so no single move can be judged on its own.)"""
-    fits = [k for k in range(len(moves) + 1) if _after(moves, k)]
-    if len(fits) != 1:
+    ks = [k for k in range(len(moves) + 1) if fits(k)]
+    if len(ks) != 1:
         raise _differs(root, "its items are neither where it left them nor where it meant to put them")
-    return fits[0]
+    return ks[0]
+
+
+def _checked(root: Path, moves: list[Move]) -> list[Move]:
+    """``moves`` if each can be made in turn on the disk as it is (source there, destination free)."""
+    disk = _Disk()
+    for src, dst in moves:
+        if not disk.exists(src):
+            raise _differs(root, f"{src} is missing")
+        if disk.exists(dst):
+            raise _differs(root, f"{dst} is in the way")
+        disk.move(src, dst)
+    return moves
 
 
 def _rollback_moves(root: Path, rec: RestoreRecord) -> list[Move]:
-    """An interrupted restore: the renames it made, reversed, newest first."""
-    moves = _moves(rec)
-    return [(dst, src) for src, dst in reversed(moves[: _made(root, moves)])]
+    """An interrupted restore: the renames it made, reversed, newest first.
+
+    Once the restored database was renamed in, something may have opened it since (tinyserved
+    at the next boot) and left a -wal/-shm beside it that no rename planned: those belong to the
+    restored database and leave with it, never to be read with the old one.
+    """
+    moves = _moves(rec, root)
+    live_db = root / "state.db"
+    sides = frozenset(root / n for n in DB_SIDE_FILES)
+    db_in = next((i for i, (_, dst) in enumerate(moves) if dst == live_db), None)
+    staged = _staged(rec, root)
+
+    def fits(k: int) -> bool:
+        return _after(moves, k, sides if db_in is not None and k > db_in else frozenset(), staged)
+
+    made = _made(root, moves, fits)
+    out: list[Move] = []
+    for src, dst in reversed(moves[:made]):
+        if dst == live_db:
+            found = [p for p in sorted(sides) if os.path.lexists(p)]
+            out += [(p, Path(f"{src}{p.name[len('state.db') :]}")) for p in found]
+        out.append((dst, src))
+    return _checked(root, out)
 
 
 def _remaining_moves(root: Path, rec: RestoreRecord) -> list[Move]:
     """An interrupted undo: the planned renames it had not made yet, in order."""
-    moves = _moves(rec)
-    return moves[_made(root, moves) :]
+    moves = _moves(rec, root)
+    made = _made(root, moves, lambda k: _after(moves, k, frozenset(), set()))
+    return _checked(root, moves[made:])
 
 
-def _undo_moves(root: Path, rec: RestoreRecord) -> tuple[list[Move], list[str], Path]:
+def _undo_moves(root: Path, rec: RestoreRecord, undone: Path) -> tuple[list[Move], list[str]]:
     """A finished restore: its items aside, what it kept back in their place."""
-    undone = root / f"{UNDONE_PREFIX}{secrets.token_hex(4)}"
     disk = _Disk()
     moves: list[Move] = []
     put_back: list[str] = []
@@ -172,10 +230,12 @@ def _undo_moves(root: Path, rec: RestoreRecord) -> tuple[list[Move], list[str], 
             moves.append((src, dst))
             disk.move(src, dst)
             put_back.append(str(k)[: -len(PRE)])
-    return moves, put_back, undone
+    return moves, put_back
 
 
-def plan_undo(root: Path) -> UndoPlan:
+def plan_undo(root: Path, undone: Path | None = None) -> UndoPlan:
+    """What --undo would do now. ``undone``: the directory for a finished restore's items (the
+    same one when planned again after tinyserved stopped)."""
     rec = read_record(root)
     if rec is None:
         raise RestoreError(
@@ -186,13 +246,14 @@ def plan_undo(root: Path) -> UndoPlan:
     if rec.state == SWAPPING:
         return UndoPlan(rec, _rollback_moves(root, rec))
     if rec.state == UNDOING:
-        undone = Path(rec.undone_dir) if rec.undone_dir else None
-        return UndoPlan(rec, _remaining_moves(root, rec), undone_dir=undone)
-    moves, put_back, undone = _undo_moves(root, rec)
+        where = _rebaser(rec, root)(rec.undone_dir) if rec.undone_dir else None
+        return UndoPlan(rec, _remaining_moves(root, rec), undone_dir=where)
+    undone = undone or root / f"{UNDONE_PREFIX}{secrets.token_hex(4)}"
+    moves, put_back = _undo_moves(root, rec, undone)
     return UndoPlan(rec, moves, put_back, undone)
 
 
-def undoing_record(plan: UndoPlan) -> RestoreRecord | None:
+def undoing_record(plan: UndoPlan, root: Path) -> RestoreRecord | None:
     """What to write before the first rename of ``plan``, so a crash half-way is finished by the
     next --undo; None when the record on disk already says what to do (a rollback or a finish)."""
     rec = plan.record
@@ -205,6 +266,7 @@ def undoing_record(plan: UndoPlan) -> RestoreRecord | None:
         moves=[[str(a), str(b)] for a, b in plan.moves],
         images=rec.images,
         undone_dir=str(plan.undone_dir),
+        root=str(root),
     )
 
 
@@ -212,7 +274,7 @@ def _in_trash(root: Path, p: Path) -> bool:
     return p.is_relative_to(root) and p.relative_to(root).parts[0].startswith(".restore-trash-")
 
 
-def _touches_db(root: Path, moves: list[Move]) -> Path | None:
+def _where_db_goes(root: Path, moves: list[Move]) -> Path | None:
     """Where the live state.db goes, when the renames move it."""
     live = root / "state.db"
     return next((dst for src, dst in moves if src == live), None)
@@ -227,55 +289,88 @@ class UndoResult:
     undone_dir: str | None
     images_left_loaded: list[str]
     warnings: list[str]
+    staging: str | None = None  # a rolled-back restore's items: back in its staging, beside the root
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
 async def undo_restore(
-    cfg: Config, *, tinyserved: Tinyserved | None = None, confirm: Any = None
+    cfg: Config,
+    *,
+    tinyserved: Tinyserved | None = None,
+    confirm: Any = None,
+    done: Callable[[UndoResult], None] | None = None,
 ) -> UndoResult:
-    """Undo the last restore of ``cfg.root`` (the caller holds the root's lock)."""
+    """Undo the last restore of ``cfg.root`` (the caller holds the root's lock).
+
+    ``done`` is told the result as soon as the renames are made: a cancellation after that point
+    ends the command, not the undo, and the caller reports what was done.
+    """
     root = cfg.root
     ts = tinyserved or Tinyserved.from_config(cfg)
-    plan = await asyncio.to_thread(plan_undo, root)
-    rec = plan.record
-    if confirm is not None and not await confirm(plan):
+    first = await asyncio.to_thread(plan_undo, root)
+    rec = first.record
+    if confirm is not None and not await confirm(first):
         raise RestoreError("undo cancelled; nothing was changed", "")
     swap = Swap(root, rec.backup)
-    record = undoing_record(plan)
+    final: list[UndoPlan] = []
 
     def apply() -> list[str]:
-        swap.run(plan.moves, record)
+        # Planned again now that tinyserved has stopped: a clean stop removes its -wal/-shm, so
+        # the renames worked out while it ran would look for files that are gone.
+        plan = plan_undo(root, first.undone_dir)
+        final.append(plan)
+        swap.run(plan.moves, undoing_record(plan, root))
         return []
 
-    if plan.moves:
-        await swap_with_tinyserved_stopped(swap, ts, apply, _touches_db(root, plan.moves))
-    if rec.state == SWAPPING:
-        # the trash the cut-short restore made for an older restore's leftovers, emptied now
-        trash = {root / dst.relative_to(root).parts[0] for _, dst in _moves(rec) if _in_trash(root, dst)}
-        for d in trash:
-            await asyncio.to_thread(remove_empty_dirs, d)
+    # An interrupted restore or undo had stopped tinyserved: it is started again even when no
+    # rename is left to make.
+    if first.moves or rec.interrupted:
+        await swap_with_tinyserved_stopped(swap, ts, apply, _where_db_goes(root, first.moves), "undo")
+    plan = final[0] if final else first
     # Done: this record has nothing left to undo. A rolled-back restore leaves the one before
     # it in force again (its *.pre-restore items were put back with everything else).
     after = rec.previous if rec.state == SWAPPING else None
     _, late = await through_cancel(asyncio.to_thread(put_back_record, root, after))
-    warnings: list[str] = []
-    if plan.moves:
-        cancelled = await start_on_new_state(swap, ts)
-        if cancelled or late:
-            raise asyncio.CancelledError
-        ok, status = await ts.wait_ready()
-        if not ok:
-            warnings.append(f"tinyserve status reports a problem: {status[-200:]}")
-    log.info("restore_undone", backup=rec.backup, state=rec.state, renames=len(plan.moves))
     undone = plan.undone_dir
-    return UndoResult(
+    kept = undone is not None and await asyncio.to_thread(os.path.lexists, undone)
+    staging = None
+    if rec.state == SWAPPING:
+        # where the restored items went back to: the staging directory beside the root (or, for
+        # a point-in-time restore, its staged file in the root), for --clean-up to take
+        tops = {
+            root.parent / p.relative_to(root.parent).parts[0] if not p.is_relative_to(root) else p
+            for p in _staged(rec, root)
+            if p.is_relative_to(root.parent)
+        }
+        staging = str(sorted(tops)[0]) if tops else None
+    result = UndoResult(
         undid=rec.backup,
         state=rec.state,
         renames=len(plan.moves),
         put_back=plan.put_back,
-        undone_dir=str(undone.relative_to(root)) if undone and undone.exists() else None,
+        undone_dir=str(undone.relative_to(root)) if undone is not None and kept else None,
         images_left_loaded=rec.images,
-        warnings=warnings,
+        warnings=[],
+        staging=staging,
     )
+    if done is not None:
+        done(result)
+    cancelled = False
+    if first.moves or rec.interrupted:
+        cancelled = await start_on_new_state(swap, ts)
+    if rec.state == SWAPPING:
+        # the trash the cut-short restore made for an older restore's leftovers, emptied now
+        moved = _moves(rec, root)
+        for d in {root / dst.relative_to(root).parts[0] for _, dst in moved if _in_trash(root, dst)}:
+            _, c = await through_cancel(asyncio.to_thread(remove_empty_dirs, d))
+            cancelled = cancelled or c
+    log.info("restore_undone", backup=rec.backup, state=rec.state, renames=len(plan.moves))
+    if cancelled or late:
+        raise asyncio.CancelledError
+    if first.moves or rec.interrupted:
+        ok, status = await ts.wait_ready()
+        if not ok:
+            result.warnings.append(f"tinyserve status reports a problem: {status[-200:]}")
+    return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -138,6 +139,7 @@ def _staged(root: Path, staging: Path) -> list[StagedItem]:
     (staging / "generated" / "docker-compose.yml").write_text("services: {restored: {}}\n")
     db = staging / "state.db"
     c = sqlite3.connect(db)
+    c.execute("pragma journal_mode=wal")  # as a restore leaves it
     c.execute("create table restored(x)")
     c.commit()
     c.close()
@@ -182,6 +184,8 @@ async def test_a_restore_cut_short_mid_swap_is_rolled_back_by_undo(
     assert "INTERRUPTED: a restore of partial/2026-11-26T10-00-00Z stopped half-way" in st.stdout
     with pytest.raises(RestoreError, match=r"left .* half-swapped"):
         await RestoreJob(cfg, S3StorageNever()).run("2026-11-26T10-00-00Z")
+    with pytest.raises(RestoreError, match=r"left .* half-swapped"):  # nor is it backed up
+        await BackupJob(cfg, S3StorageNever()).run("partial")  # type: ignore[arg-type]
     res = run_cli("--config", _write(cfg, tmp_path), "restore", "--clean-up", "--yes")
     assert res.returncode == 8 and "run `tinyserve-backup restore --undo` to put it back first" in res.stderr
 
@@ -191,7 +195,9 @@ async def test_a_restore_cut_short_mid_swap_is_rolled_back_by_undo(
     assert tree_digest(staging) == staged_before
     again = read_record(root.path)
     assert again is not None and again.to_dict() == previous.to_dict()  # the older one stands again
-    assert ctl_calls() == ([["stop"], ["start"]] if made else [])
+    # (with nothing to move back too: the cut-short restore had stopped it)
+    assert ctl_calls() == [["stop"], ["start"]]
+    assert not any(p.name.startswith(".restore-trash-") for p in root.path.iterdir())
 
 
 class S3StorageNever:
@@ -223,7 +229,7 @@ async def test_an_undo_cut_short_is_finished_by_the_next(
 
     # What undo_restore does, stopped after `made` renames
     plan = plan_undo(root.path)
-    record = undoing_record(plan)
+    record = undoing_record(plan, root.path)
     assert record is not None
     write_record(root.path, record)
     for src, dst in plan.moves[: len(plan.moves) if made < 0 else made]:
@@ -235,6 +241,7 @@ async def test_an_undo_cut_short_is_finished_by_the_next(
 
     out = await undo_restore(cfg)
     assert out.renames == (0 if made < 0 else len(plan.moves) - made)
+    assert ctl_calls()[-2:] == [["stop"], ["start"]]  # started again, even with nothing left to do
     tree, dump = state(root.path)
     assert dump == live[1]
     assert {k: v for k, v in tree.items() if not k.startswith(".restore-undone-")} == live[0]
@@ -278,3 +285,120 @@ def test_undo_via_cli_asks_reports_and_cleans_up(
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["removed"] == [out["undone_dir"]]
     assert not any(p.name.startswith(".restore-undone-") for p in root.path.iterdir())
+
+
+def _crash_mid_swap(root: Path, staging: Path, made: int) -> tuple[RestoreRecord, list[tuple[Path, Path]]]:
+    """What Swap.apply does, cut short after ``made`` renames (all of them when negative)."""
+    items = _staged(root, staging)
+    swap = Swap(root, "partial/2026-11-26T10-00-00Z")
+    moves = swap.plan(items)
+    before = read_record(root)
+    record = RestoreRecord(
+        SWAPPING,
+        swap.backup,
+        swap.at,
+        moves=[[str(a), str(b)] for a, b in moves],
+        previous=before.to_dict() if before else None,
+        root=str(root),
+        staged=[str(i.staged) for i in items],
+    )
+    write_record(root, record)
+    for src, dst in moves[: len(moves) if made < 0 else made]:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dst)
+    return record, moves
+
+
+@pytest.mark.parametrize("old_wal", [True, False])
+async def test_a_restored_database_written_after_the_crash_keeps_its_wal_away_from_the_old(
+    old_wal: bool, root: RootInfo, tmp_path: Path
+) -> None:
+    """Cut short after the restored database was renamed in; tinyserved then started on it at the
+    next boot and left a -wal of its own. The rollback must not leave that -wal to the old one."""
+    cfg = cfg_for(root.path)
+    if old_wal:
+        commit_and_crash(root.db_path, 7)
+    before = state(root.path)
+    staging = tmp_path / ".tinyserve.restore-0badcafe"
+    _crash_mid_swap(root.path, staging, -1)
+    commit_and_crash(root.db_path, 987654321)  # "tinyserved" on the restored database
+    out = await undo_restore(cfg)
+    assert out.state == SWAPPING
+    assert state(root.path) == before  # the old database, whole, with only its own -wal
+    assert not any("987654321" in line for line in state(root.path)[1])
+    # the restored one kept its commit, its -wal beside it in the staging directory
+    copy = tmp_path / "restored-copy"
+    copy.mkdir()
+    for n in DB_FILES:
+        if (staging / n).exists():
+            (copy / n).write_bytes((staging / n).read_bytes())
+    assert any("987654321" in line for line in db_dump(copy / "state.db"))
+    assert out.staging == str(staging)
+
+
+async def test_a_rollback_cut_short_after_its_staging_was_removed_is_finished_by_undo(
+    root: RootInfo, tmp_path: Path
+) -> None:
+    """A failed restore whose rollback stopped half-way (a disk error) and whose staging was then
+    removed: --undo finishes the rollback, as the error promised."""
+    cfg = cfg_for(root.path)
+    before = state(root.path)
+    staging = tmp_path / ".tinyserve.restore-0badcafe"
+    _, moves = _crash_mid_swap(root.path, staging, -1)
+    for src, dst in reversed(moves[-2:]):  # the rollback made two moves back, then failed
+        os.rename(dst, src)
+    shutil.rmtree(staging)  # RestoreJob.run's clean-up
+    out = await undo_restore(cfg)
+    assert out.renames == len(moves) - 2
+    assert state(root.path) == before
+    assert read_record(root.path) is None
+
+
+async def test_undo_stops_tinyserved_before_planning_the_database_moves(
+    root: RootInfo, s3_storage: S3Storage, tmp_path: Path
+) -> None:
+    """tinyserved running on the restored database has a -wal/-shm; its clean stop checkpoints and
+    deletes them. Renames planned before the stop would look for files that are gone."""
+    db = root.db_path
+    # tinyserved's clean stop: its last connection reads, closes (checkpointing, removing the
+    # -wal), and the process is gone
+    stop = tmp_path / "stop.py"
+    stop.write_text(
+        "import os, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1]); c.execute('select 1 from sqlite_master'); c.close()\n"
+        "os.execvp('tinyserved-ctl', ['tinyserved-ctl', 'stop'])\n"
+    )
+    cfg = parse_config(
+        f"root: {root.path}\ncompression:\n  threads: 0\n"
+        f"tinyserved:\n  stop: [{sys.executable}, {stop}, {db}]\n  start: [tinyserved-ctl, start]\n"
+    )
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    live = state(root.path)
+    await RestoreJob(cfg, s3_storage).run(res.timestamp)
+    commit_and_crash(db, 123456789)  # tinyserved at work on the restored database
+    assert (root.path / "state.db-wal").exists()
+    out = await undo_restore(cfg)
+    assert out.state == DONE
+    assert state(root.path)[1] == live[1]
+    undone = root.path / str(out.undone_dir)
+    assert any("123456789" in line for line in db_dump(undone / "state.db"))  # checkpointed by the stop
+    assert not (undone / "state.db-wal").exists()
+
+
+async def test_undo_through_another_spelling_of_the_root(
+    root: RootInfo, s3_storage: S3Storage, tmp_path: Path
+) -> None:
+    """Restored through a symlink to the root, undone through the root itself (one record)."""
+    link = tmp_path / "link-to-root"
+    link.symlink_to(root.path)
+    res = await BackupJob(cfg_for(root.path), s3_storage).run("partial")
+    (root.path / "generated" / "docker-compose.yml").write_text("services: {}\n")
+    live = state(root.path)
+    await RestoreJob(cfg_for(link), s3_storage).run(res.timestamp)
+    plan = plan_undo(root.path)
+    write_record(root.path, undoing_record(plan, link))  # an undo through the link, cut short at once
+    out = await undo_restore(cfg_for(root.path))
+    assert out.undone_dir is not None and out.undone_dir.startswith(".restore-undone-")
+    tree, dump = state(root.path)
+    assert dump == live[1]
+    assert {k: v for k, v in tree.items() if not k.startswith(".restore-undone-")} == live[0]
