@@ -152,7 +152,14 @@ class ShipperAdapter:
 
     @staticmethod
     def settings_key(cfg: Config) -> Any:
-        return (cfg.wal.model_dump(mode="json"), cfg.destination.model_dump(mode="json"), str(cfg.root))
+        # encryption too: segments and snapshots are sealed to the recipients the shipper was
+        # started with, so a change must restart it
+        return (
+            cfg.wal.model_dump(mode="json"),
+            cfg.destination.model_dump(mode="json"),
+            cfg.encryption.model_dump(mode="json"),
+            str(cfg.root),
+        )
 
     @property
     def running(self) -> bool:
@@ -187,6 +194,7 @@ class ShipperAdapter:
         from .storage import storage_from_config
 
         storage = None
+        self.state, self.error = "starting", None  # (it may wait for storage, or for the lease)
         try:
             storage = storage_from_config(cfg)
             shipper = _build_shipper(wal_module, cfg, storage)

@@ -416,3 +416,51 @@ def test_a_restore_goes_on_while_the_daemon_ships_the_wal(tmp_path: Path, daemon
     assert (root / "state.db.pre-restore").exists()
     # the shipper notices the new file and carries on with it (a new generation)
     d.wait_event(lambda e: e["event"] == "wal_generation_started", 30, count=2)
+
+
+def test_turning_encryption_on_while_running_seals_the_wal_from_then_on(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """The shipper seals segments to the recipients it started with: an edit adding recipients
+    must restart it, or the WAL stream stays in the clear until the daemon restarts."""
+    import sqlite3
+
+    from daemon.crypto import generate_keypair
+
+    root, dest = make_setup(tmp_path)
+    log = tmp_path / "daemon.log"
+    plain = config_text(root, dest, log, '  partial: "off"\n  full: "off"\n', wal=True)
+    d = Daemon(tmp_path, plain, virtual_now=datetime.now(UTC))
+    daemons.append(d.start())
+    d.wait_status(lambda s: (s.get("wal") or {}).get("state") == "running")
+
+    def commit(n: int) -> None:
+        c = sqlite3.connect(root / "state.db")
+        c.execute("create table if not exists t(x)")
+        c.execute("insert into t values (?)", (n,))
+        c.commit()
+        c.close()
+
+    def segments(suffix: str) -> list[Path]:
+        return [p for p in dest.rglob("*.seg*") if p.is_file() and p.name.endswith(suffix)]
+
+    def wait_segment(suffix: str) -> None:
+        deadline = time.monotonic() + 20
+        while not segments(suffix):
+            assert time.monotonic() < deadline, f"no {suffix} segment shipped"
+            time.sleep(0.05)
+
+    commit(1)
+    wait_segment(".seg.zst")
+    assert not segments(".age")
+
+    recipient = generate_keypair().recipient
+    d.cfg_path.write_text(plain + f"encryption:\n  recipients: [{recipient}]\n")
+    reloaded = d.wait_event(lambda e: e["event"] == "config_reloaded", 15)
+    assert "encryption" in reloaded["changed"]
+    d.wait_event(lambda e: e["event"] == "wal_shipper_restarting", 15)
+    d.wait_event(lambda e: e["event"] == "wal_shipper_started", 20, count=2)
+    commit(2)
+    wait_segment(".seg.zst.age")
+    rc, _ = d.stop()
+    assert rc == 0
