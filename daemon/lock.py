@@ -77,3 +77,28 @@ async def root_lock(root: Path, job: str, *, wait: float = 900.0, poll: float = 
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)
+
+
+def daemon_lock_path(root: Path) -> Path:
+    return paths.state_dir() / "locks" / f"{paths.root_key(root)}.daemon"
+
+
+def acquire_daemon_lock(root: Path) -> int:
+    """One daemon per root, for the life of the process (the kernel drops it when the process
+    dies): a second one would run every scheduled job twice. Returns the descriptor to keep open.
+    """
+    path = daemon_lock_path(root)
+    fd = _try_lock(path, "daemon")
+    if fd is None:
+        raise LockError(
+            f"another daemon already runs for {root}: {_holder(path).replace('daemon ', '', 1)}",
+            "one daemon per root: use the running one (`tinyserve-backup status`), or stop it first",
+        )
+    return fd
+
+
+def release_daemon_lock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    with contextlib.suppress(OSError):
+        os.close(fd)

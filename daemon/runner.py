@@ -326,6 +326,8 @@ class Daemon:
         self.last_error: dict[str, Any] | None = None
         self.started_at = self.clock.now()
         self.state = "starting"
+        # the root's daemon lock (lock.acquire_daemon_lock), when run as `tinyserve-backup run`
+        self.daemon_lock: int | None = None
         self.stopping = False
         self._stop = asyncio.Event()
         self._dirty = asyncio.Event()
@@ -729,6 +731,17 @@ class Daemon:
                     self.last_error = None
                     self._dirty.set()
                 return True
+            if "root" in changed and self.daemon_lock is not None:
+                from .lock import acquire_daemon_lock, release_daemon_lock
+
+                try:  # the new root must not have a daemon of its own either
+                    fd = await asyncio.to_thread(acquire_daemon_lock, new.root)
+                except LockError as exc:
+                    log.error("config_reload_failed", reason=reason, error=exc.one_line())
+                    self._set_error(f"config not applied, old config kept: {exc.message}", "config")
+                    return False
+                release_daemon_lock(self.daemon_lock)
+                self.daemon_lock = fd
             self.cfg = new
             self._register_secrets(new)
             if "logging" in changed:
@@ -828,6 +841,11 @@ class Daemon:
 
 def run_daemon(config_path: Path, cfg: Config, *, console_level: str | None = None) -> int:
     """Entry point of `tinyserve-backup run`; returns the exit code."""
-    priority = lower_priority()
-    daemon = Daemon(config_path, cfg, console_level=console_level, priority=priority)
-    return asyncio.run(daemon.run())
+    from .lock import acquire_daemon_lock, release_daemon_lock
+
+    daemon = Daemon(config_path, cfg, console_level=console_level, priority=lower_priority())
+    daemon.daemon_lock = acquire_daemon_lock(cfg.root)
+    try:
+        return asyncio.run(daemon.run())
+    finally:
+        release_daemon_lock(daemon.daemon_lock)

@@ -464,3 +464,27 @@ def test_turning_encryption_on_while_running_seals_the_wal_from_then_on(
     wait_segment(".seg.zst.age")
     rc, _ = d.stop()
     assert rc == 0
+
+
+def test_a_second_daemon_for_the_same_root_is_refused(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """Two daemons on one root ran every scheduled job twice, and the second one's exit removed
+    the status file while the first still ran."""
+    root, dest = make_setup(tmp_path)
+    cfg = config_text(root, dest, tmp_path / "daemon.log", '  partial: "0 3 * * *"\n', wal=False)
+    d = Daemon(tmp_path, cfg, virtual_now=datetime.now(UTC))
+    daemons.append(d.start())
+    d.wait_status(lambda s: s["state"] == "running")
+    assert d.proc is not None
+    other = tmp_path / "other.yaml"  # another config file, the same root
+    other.write_text(cfg)
+    res = run_cli("--config", str(other), "run", env=d.env, timeout=60)
+    assert res.returncode == 4, res.stderr
+    assert res.stderr.startswith(f"error: another daemon already runs for {root}: (pid {d.proc.pid}")
+    assert "Traceback" not in res.stderr
+    assert d.cli("status", "--json").returncode == 0  # the first one untouched, still running
+    rc, _ = d.stop()
+    assert rc == 0
+    # once it is gone, a daemon may start again
+    again = Daemon(tmp_path, cfg, virtual_now=datetime.now(UTC))
+    daemons.append(again.start())
+    again.wait_status(lambda s: s["state"] == "running" and s["pid"] == again.proc.pid)  # type: ignore[union-attr]
