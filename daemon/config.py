@@ -404,9 +404,41 @@ def _friendly_one(err: Any, text: str, where: str) -> ConfigError:
     return ConfigError(f"invalid `{dotted}` ({at}): {msg}", "fix that value in the config file")
 
 
-def parse_config(text: str, where: str = "config") -> Config:
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, again: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: YAML keeps the last one
+    silently, so a `wal:` block appended below the example's own dropped the first block's keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping reports it
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise _DuplicateKey(str(key), first, line)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """The YAML document, or a ConfigError naming the line (and a key given twice)."""
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
+        return yaml.load(text, Loader=_StrictLoader) if text.strip() else {}  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"`{exc.key}` is given twice in {where} (lines {exc.first} and {exc.again}); YAML would "
+            "silently keep only the second",
+            "merge the two into one block",
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or "invalid YAML"
@@ -415,6 +447,10 @@ def parse_config(text: str, where: str = "config") -> Config:
             f"YAML syntax error in {where}{line}: {problem}",
             "fix the YAML (indentation uses spaces; quote values containing ': ')",
         ) from None
+
+
+def parse_config(text: str, where: str = "config") -> Config:
+    data = _load_yaml(text, where)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -479,6 +515,7 @@ def edit_config(path: Path, updates: dict[str, Any]) -> Config:
         original = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         original = example_config_text()
+    _load_yaml(original, str(path))  # its errors name the line, and a key given twice
     try:
         doc = y.load(original) if original.strip() else None
     except Exception as exc:

@@ -96,6 +96,27 @@ def test_every_wrong_key_is_named_at_once_and_union_tags_are_not_keys() -> None:
     assert "also wrong" not in line  # both union members' errors are one problem
 
 
+def test_a_block_given_twice_is_refused_not_half_dropped() -> None:
+    text = "wal:\n  retention_hours: 48\nschedule:\n  timezone: UTC\nwal:\n  debounce_ms: 10\n"
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "c.yaml")
+    assert ei.value.one_line() == (
+        "`wal` is given twice in c.yaml (lines 1 and 5); YAML would silently keep only the second "
+        "— merge the two into one block"
+    )
+    with pytest.raises(ConfigError, match="`full` is given twice"):
+        parse_config("retention:\n  full: {keep_last: 2}\n  full: {keep_last: 3}\n")
+
+
+
+def test_editing_a_config_with_a_block_given_twice_names_it(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("wal:\n  retention_hours: 48\nwal:\n  debounce_ms: 10\n")
+    res = run_cli("--config", str(p), "schedule", "--full-weekly")
+    _assert_one_line_error(res, f"`wal` is given twice in {p} (lines 1 and 3)")
+    assert p.read_text() == "wal:\n  retention_hours: 48\nwal:\n  debounce_ms: 10\n"
+
+
 def test_cron_sunday_is_zero_and_seven() -> None:
     assert cron_dow_to_apscheduler("0", "x") == "sun"
     assert cron_dow_to_apscheduler("7", "x") == "sun"
