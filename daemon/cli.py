@@ -446,9 +446,11 @@ def prune_cmd(obj: Ctx, dry_run: bool, as_json: bool) -> None:
         click.echo(f"{verb} incomplete {name}")
     for key in report.uploads_aborted:
         click.echo(f"{'Would abort' if dry_run else 'Aborted'} unfinished upload {key}")
+    wal = report.wal.get("objects_deleted") if report.wal else None
+    wal_part = f"; {wal} WAL objects older than the point-in-time window" if wal is not None else ""
     click.echo(
-        f"{verb} {len(report.deleted)} backups, {len(report.incomplete_deleted)} incomplete; "
-        f"kept {len(report.kept)}."
+        f"{verb} {len(report.deleted)} backups, {len(report.incomplete_deleted)} incomplete"
+        f"{wal_part}; kept {len(report.kept)}."
     )
 
 

@@ -348,6 +348,15 @@ def test_sigkill_mid_upload_leaves_nothing_listed(tmp_path: Path, s3_server: Mot
         assert len(json.loads(run_cli("--config", str(cfg), "list", "--json").stdout)) == 1
         # leftovers are cleaned by prune once they are old enough
         cfg.write_text(cfg.read_text() + "retention:\n  incomplete_after_hours: 0\n")
+        res = run_cli("--config", str(cfg), "prune", "--dry-run")
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        assert lines[0].startswith("Would delete incomplete full/")
+        # (the WAL part of retention is named too, not only in --json)
+        assert (
+            lines[-1]
+            == "Would delete 0 backups, 1 incomplete; 0 WAL objects older than the point-in-time window; kept 1."
+        )
         res = run_cli("--config", str(cfg), "prune", "--json")
         assert res.returncode == 0, res.stderr
         rep = json.loads(res.stdout)

@@ -108,7 +108,6 @@ def test_a_block_given_twice_is_refused_not_half_dropped() -> None:
         parse_config("retention:\n  full: {keep_last: 2}\n  full: {keep_last: 3}\n")
 
 
-
 def test_editing_a_config_with_a_block_given_twice_names_it(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("wal:\n  retention_hours: 48\nwal:\n  debounce_ms: 10\n")
