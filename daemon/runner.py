@@ -328,6 +328,7 @@ class Daemon:
         self.state = "starting"
         # the root's daemon lock (lock.acquire_daemon_lock), when run as `tinyserve-backup run`
         self.daemon_lock: int | None = None
+        self._wal_dropped_seen = 0  # the shipper's spool_dropped already alerted about
         self.stopping = False
         self._stop = asyncio.Event()
         self._dirty = asyncio.Event()
@@ -646,10 +647,28 @@ class Daemon:
             if jumped or queued:
                 log.info("catch_up_check", queued=queued, after_jump=jumped)
             await self._check_stale()
+            self.check_wal_history()
             if not self.stopping:
                 await self.shipper.ensure(self.cfg)
                 self._dirty.set()
             await asyncio.sleep(self.wake_interval)
+
+    def check_wal_history(self) -> None:
+        """Alert when the shipper had to drop its spool: point-in-time restore then has a gap
+        (until the fresh snapshot it starts from), which a person must hear about."""
+        dropped = int(self.shipper.status().get("spool_dropped") or 0)
+        if dropped < self._wal_dropped_seen:
+            self._wal_dropped_seen = dropped  # a restarted shipper counts from zero again
+        if dropped <= self._wal_dropped_seen:
+            return
+        self._wal_dropped_seen = dropped
+        msg = (
+            "WAL shipping fell behind its spool bound (wal.spool_max_mb) and dropped what it held: "
+            "point-in-time restore has a gap until the fresh snapshot it started from"
+        )
+        log.error("wal_history_gap", spool_dropped=dropped)
+        self._set_error(msg, "wal")
+        self.alerter.failed("wal", msg)
 
     async def _check_stale(self) -> None:
         thresholds = self.cfg.alerts.stale_after_hours

@@ -1527,15 +1527,16 @@ class WalShipper:
             return
         dropped, nbytes = len(self._queue), self._segment_bytes
         reason = (
-            f"spool passed its bound ({nbytes} > {self.opts.spool_max_bytes} bytes) "
-            "while storage was unreachable"
+            f"spool passed its bound ({nbytes} > {self.opts.spool_max_bytes} bytes): uploads fell "
+            "behind the writes (storage unreachable or slow, or one very large transaction)"
         )
         log.error(
             "wal_spool_overflow",
             generation=self._engine.generation,
             dropped=dropped,
             bytes=nbytes,
-            fix="a new generation starts when storage is reachable again",
+            fix="a new generation starts from a fresh snapshot once uploads go through; raise "
+            "wal.spool_max_mb if large transactions are normal here",
         )
         self._queue.clear()
         self._spool_bytes = 0

@@ -265,3 +265,43 @@ async def test_daemon_alerts_once_when_backups_go_stale(tmp_path: Path, server: 
     await d.alerter.drain()
     assert len([r for r in server.requests if r["path"] == "/hook"]) == 1
     assert d.status_doc()["last_error"]["kind"] == "stale"
+
+
+async def test_a_gap_in_the_wal_history_is_alerted(tmp_path: Path, server: Recorder) -> None:
+    """One transaction larger than the spool bound: the shipper drops its spool and starts over
+    from a snapshot. Point-in-time restore now has a gap; a person must hear about it."""
+    import sqlite3
+
+    from daemon.config import load_config
+    from daemon.runner import Daemon
+
+    d = _daemon(tmp_path, server, tmp_path / "dest")
+    (tmp_path / "dest").mkdir()
+    text = d.config_path.read_text().replace(
+        "wal: {enabled: false}", "wal: {enabled: true, spool_max_mb: 1, poll_interval_seconds: 0.2}"
+    )
+    d.config_path.write_text(text)
+    d = Daemon(d.config_path, load_config(d.config_path), wake_interval=1)
+    await d.shipper.ensure(d.cfg)
+    try:
+        assert d.shipper.status()["state"] == "running"
+        d.check_wal_history()
+        assert server.requests == []  # nothing dropped yet, nothing said
+        c = sqlite3.connect(d.cfg.root / "state.db")
+        c.execute("create table big(x)")
+        c.execute("insert into big values (?)", (os.urandom(3 * 1024 * 1024),))
+        c.commit()
+        c.close()
+        deadline = asyncio.get_running_loop().time() + 30
+        while not d.shipper.status().get("spool_dropped"):
+            assert asyncio.get_running_loop().time() < deadline, "the spool was never dropped"
+            await asyncio.sleep(0.05)
+        d.check_wal_history()
+        d.check_wal_history()  # once per drop, not at every wake-up
+        await d.alerter.drain()
+    finally:
+        await d.shipper.stop(5)
+    assert sorted(server.paths()) == ["/hc/fail", "/hook"]
+    hook = json.loads(next(r for r in server.requests if r["path"] == "/hook")["body"])
+    assert hook["event"] == "failure" and "point-in-time restore has a gap" in hook["error"]
+    assert d.last_error is not None and d.last_error["kind"] == "wal"
