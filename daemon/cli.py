@@ -845,8 +845,9 @@ def verify_cmd(
         echo_json([c.to_json() for c in checks])
     else:
         for c in checks:
+            sealed = any(o.sealed for o in c.objects)
             state = (
-                "OK"
+                ("OK (stored bytes only: set encryption.identity_file to check contents)" if sealed else "OK")
                 if c.ok
                 else "NOT CHECKED (key)"
                 if all(o.ok or o.key_problem for o in c.objects)
@@ -854,7 +855,7 @@ def verify_cmd(
             )
             click.echo(f"{c.type} {c.timestamp}: {state}")
             for o in c.objects:
-                mark = "ok " if o.ok else "KEY" if o.key_problem else "BAD"
+                mark = ("ok~" if o.sealed else "ok ") if o.ok else "KEY" if o.key_problem else "BAD"
                 note = "" if o.verified else " (unverified: no checksum in a guide-made manifest)"
                 click.echo(f"  [{mark}] {o.name}: {o.detail}{note}")
             if c.deep:
