@@ -58,6 +58,7 @@ from .scheduler import (
     record_failure,
     record_success,
     records_path,
+    retry_at,
     sync_configured,
 )
 from .status import remove_status, status_path, write_status
@@ -810,6 +811,9 @@ class Daemon:
                 job["running_since"] = _iso(self.current[2])
             if name in self.lock_deferred:
                 job["deferred"] = "waiting for the root lock; retried at the next check"
+            again = retry_at(rec) if spec and not self.stopping else None
+            if again is not None:
+                job["retry_at"] = _iso(max(again, now))
             jobs[name] = job
         return {
             "version": 1,

@@ -427,6 +427,15 @@ def sync_configured(records: JobRecords, specs: dict[str, JobSpec], now: datetim
         records.update(fn)
 
 
+def retry_at(rec: dict[str, Any]) -> datetime | None:
+    """When a job that failed (and has not succeeded since) is tried again, per ``retry_delay``."""
+    bad = parse_time((rec.get("last_failure") or {}).get("at"))
+    ok = parse_time((rec.get("last_success") or {}).get("at"))
+    if bad is None or (ok is not None and ok >= bad):
+        return None
+    return bad + timedelta(seconds=retry_delay(int(rec.get("consecutive_failures") or 1)))
+
+
 def due_fire(spec: JobSpec, rec: dict[str, Any], now: datetime) -> datetime | None:
     """The earliest fire time of ``spec`` not yet satisfied by a success, if it has passed.
 

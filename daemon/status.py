@@ -191,6 +191,11 @@ def render_human(d: dict[str, Any], now: datetime | None = None) -> str:
             lines.append(f"    last failure {bad.get('at')} ({age}): {bad.get('error')}")
         if job.get("running"):
             lines.append(f"    running now (since {job.get('running_since')})")
+        again = job.get("retry_at")
+        if again and d.get("running") and not job.get("running"):
+            when = parse_time(again)
+            rel = _human_age((now - when).total_seconds()) if when else "?"
+            lines.append(f"    retry at {again} ({rel}), after {job.get('consecutive_failures')} failure(s)")
         nxt = job.get("next_run")
         if nxt and d.get("running"):
             when = parse_time(nxt)

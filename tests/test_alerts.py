@@ -212,7 +212,7 @@ def _daemon(tmp_path: Path, server: Recorder, dest: Path, **clock_kw: Any) -> An
 
 
 async def test_daemon_alerts_on_failure_then_recovery(tmp_path: Path, server: Recorder) -> None:
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     dest = tmp_path / "dest"  # missing: the backup fails
     wall = [datetime(2026, 1, 5, 12, 0, tzinfo=UTC).timestamp()]
@@ -233,6 +233,15 @@ async def test_daemon_alerts_on_failure_then_recovery(tmp_path: Path, server: Re
     assert sorted(server.paths()[1:]) == ["/hc/fail", "/hook"]
     hook = json.loads(next(r for r in server.requests if r["path"] == "/hook")["body"])
     assert hook["event"] == "failure" and "does not exist" in hook["error"]
+    # status says when it is tried again (5 minutes after a first failure), not only the next cron
+    from daemon.scheduler import parse_time
+    from daemon.status import render_human
+
+    job = d.status_doc()["jobs"]["partial"]
+    failed_at = parse_time(rec["last_failure"]["at"])
+    assert failed_at is not None and parse_time(job["retry_at"]) == failed_at + timedelta(minutes=5)
+    doc = d.status_doc() | {"running": True}
+    assert f"retry at {job['retry_at']}" in render_human(doc, datetime.fromtimestamp(wall[0], UTC))
 
     dest.mkdir()
     server.requests.clear()
@@ -242,6 +251,7 @@ async def test_daemon_alerts_on_failure_then_recovery(tmp_path: Path, server: Re
     assert (
         json.loads(next(r for r in server.requests if r["path"] == "/hook")["body"])["event"] == "recovered"
     )
+    assert "retry_at" not in d.status_doc()["jobs"]["partial"]
 
 
 async def test_daemon_alerts_once_when_backups_go_stale(tmp_path: Path, server: Recorder) -> None:
