@@ -519,6 +519,44 @@ def install_agent(kind: str | None, config_path: Path, program: Path) -> Install
         )
     created = ensure_config(config_path)
     target = agent_file(chosen)
+    previous = target.read_bytes() if target.exists() else None
+    try:
+        was_running, crash_log = _install_and_start(chosen, tool, target, program, config_path)
+    except AgentError as exc:
+        # Leave the agent file as it was: a unit left behind by a failed install made
+        # `agent status` say "installed" for an agent that never ran.
+        with contextlib.suppress(OSError):
+            if previous is None:
+                target.unlink(missing_ok=True)
+            else:
+                write_atomic(target, previous, mode=0o644)
+        if warnings:
+            raise AgentError(f"{exc.message} (also: {'; '.join(warnings)})", exc.fix) from None
+        raise
+    log.info(
+        "agent_installed",
+        kind=chosen,
+        unit=str(target),
+        program=str(program),
+        config=str(config_path),
+        restarted=was_running,
+    )
+    return InstallResult(
+        kind=chosen,
+        unit_path=target,
+        config_path=config_path,
+        config_created=created,
+        program=program,
+        was_running=was_running,
+        crash_log=crash_log,
+        warnings=tuple(warnings),
+    )
+
+
+def _install_and_start(
+    chosen: str, tool: str, target: Path, program: Path, config_path: Path
+) -> tuple[bool, Path | None]:
+    """Write the agent file and have the service manager (re)start it: (was it running, crash log)."""
     crash_log: Path | None = None
     if chosen == "launchd":
         data = render_plist(program, config_path)
@@ -540,24 +578,7 @@ def install_agent(kind: str | None, config_path: Path, program: Path) -> Install
         if was_running:
             # enable --now leaves a running unit alone; restart so the upgrade takes effect.
             _systemd_check(_systemctl_user(tool, "restart", UNIT_NAME), f"restart {UNIT_NAME}")
-    log.info(
-        "agent_installed",
-        kind=chosen,
-        unit=str(target),
-        program=str(program),
-        config=str(config_path),
-        restarted=was_running,
-    )
-    return InstallResult(
-        kind=chosen,
-        unit_path=target,
-        config_path=config_path,
-        config_created=created,
-        program=program,
-        was_running=was_running,
-        crash_log=crash_log,
-        warnings=tuple(warnings),
-    )
+    return was_running, crash_log
 
 
 def _installed_kinds() -> list[Kind]:

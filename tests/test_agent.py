@@ -318,6 +318,25 @@ def test_systemd_without_user_bus_explains(
         install_agent("systemd", config_path, program)
     assert "Failed to connect to bus" in info.value.message
     assert "enable-linger" in info.value.fix
+    # nothing left behind that `agent status` would call installed
+    assert not agent.agent_file("systemd").exists()
+    assert agent.agent_status("systemd").installed is False
+
+
+def test_a_failed_upgrade_puts_the_previous_agent_file_back(
+    program: Path, config_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_agent("launchd", config_path, program)
+    before = agent.agent_file("launchd").read_bytes()
+    other = program.parents[2] / "elsewhere" / "tinyserve-backup"  # outside the stable venv
+    other.parent.mkdir()
+    other.write_bytes(program.read_bytes())
+    other.chmod(0o755)
+    monkeypatch.setenv("FAKE_LAUNCHCTL_EXIT_BOOTSTRAP", "1")
+    with pytest.raises(AgentError) as info:
+        install_agent("launchd", config_path, other)
+    assert agent.agent_file("launchd").read_bytes() == before
+    assert "not the stable install" in info.value.message  # the warning is not lost with the error
 
 
 def test_default_kind_on_linux_is_systemd(
