@@ -292,7 +292,13 @@ def render_unit(program: Path, config_path: Path, *, path_env: str | None = None
     text = template_text(UNIT_TEMPLATE)
     exec_start = " ".join(systemd_quote(a) for a in (str(program), "--config", str(config_path), "run"))
     env_path = _systemd_env_assignment("PATH", path_env if path_env is not None else agent_path_env(program))
-    rendered = text.replace("@EXEC_START@", exec_start).replace("@ENV_PATH@", env_path)
+    # Placeholders are filled in settings only: the template's comments name them too.
+    rendered = "".join(
+        line
+        if line.lstrip().startswith(("#", ";"))
+        else line.replace("@EXEC_START@", exec_start).replace("@ENV_PATH@", env_path)
+        for line in text.splitlines(keepends=True)
+    )
     validate_unit(rendered)
     return rendered
 

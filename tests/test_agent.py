@@ -247,6 +247,8 @@ def test_unit_file_is_valid(isolated_user: Path, program: Path, config_path: Pat
     assert shlex.split(svc["ExecStart"][0]) == [str(program), "--config", str(config_path), "run"]
     assert len(svc["Environment"]) == 1 and svc["Environment"][0].startswith('"PATH=/')
     assert "@" not in text.split("[Unit]", 1)[1]
+    # the header still explains the placeholders instead of showing them filled in
+    assert "#   @EXEC_START@   " in text and str(program) not in text.split("[Unit]", 1)[0]
 
 
 def test_unit_file_passes_systemd_analyze(isolated_user: Path, program: Path, tmp_path: Path) -> None:
