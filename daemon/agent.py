@@ -34,6 +34,7 @@ from typing import Any, Final, Literal
 
 import click
 import structlog
+import yaml
 
 from daemon import keychain, paths
 from daemon.errors import AgentError, BackupError
@@ -524,6 +525,7 @@ def install_agent(kind: str | None, config_path: Path, program: Path) -> Install
             "deleting or changing it stops the agent (use `make install-agent`)"
         )
     created = ensure_config(config_path)
+    warnings += _env_root_warning(config_path)
     target = agent_file(chosen)
     previous = target.read_bytes() if target.exists() else None
     try:
@@ -557,6 +559,28 @@ def install_agent(kind: str | None, config_path: Path, program: Path) -> Install
         crash_log=crash_log,
         warnings=tuple(warnings),
     )
+
+
+def _env_root_warning(config_path: Path) -> list[str]:
+    """TINYSERVE_ROOT set here is not seen by the agent (launchd and systemd start it with PATH
+    only): the root must be in the config, or the daemon watches the default one."""
+    from .config import ENV_ROOT
+
+    env_root = os.environ.get(ENV_ROOT)
+    if not env_root:
+        return []
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        raw = {}
+    in_file = raw.get("root") if isinstance(raw, dict) else None
+    if in_file and Path(str(in_file)).expanduser() == Path(env_root).expanduser():
+        return []
+    return [
+        f"{ENV_ROOT}={env_root} is set here, but the agent does not inherit it and will protect "
+        f"{'the root in the config' if in_file else 'the default root'}; put it in the config: "
+        f"`tinyserve-backup config --root {env_root}`"
+    ]
 
 
 def _install_and_start(

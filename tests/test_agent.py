@@ -640,3 +640,15 @@ def test_make_install_agent_end_to_end(
     assert paths.default_config_path().exists()
     assert "Kept config" in proc.stdout
     print(f"make install-agent end to end: {time.monotonic() - t0:.1f} s")
+
+
+def test_a_root_set_only_in_the_environment_is_warned_about(
+    program: Path, config_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """launchd and systemd start the agent with PATH alone: TINYSERVE_ROOT does not reach it."""
+    monkeypatch.setenv("TINYSERVE_ROOT", str(tmp_path / "my-root"))
+    result = install_agent("launchd", config_path, program)
+    assert any("does not inherit it" in w and "--root" in w for w in result.warnings)
+    config_path.write_text(config_path.read_text() + f"root: {tmp_path / 'my-root'}\n")
+    result = install_agent("launchd", config_path, program)
+    assert not any("does not inherit" in w for w in result.warnings)
