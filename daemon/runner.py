@@ -216,8 +216,7 @@ class ShipperAdapter:
                     await storage.close()
             return
         self._shipper, self._storage, self._key = shipper, storage, self.settings_key(cfg)
-        self.state, self.error = "running", None
-        log.info("wal_shipper_started")
+        self.state, self.error = "running", None  # (the shipper logs wal_shipper_started itself)
 
     async def stop(self, budget: float) -> None:
         """Flush what is committed within ``budget`` seconds; the rest stays in the spool."""
@@ -232,8 +231,7 @@ class ShipperAdapter:
         self._shipper = self._storage = None
         budget = max(budget, 1.0)
         try:
-            await asyncio.wait_for(shipper.stop(timeout=budget - 0.5), budget)
-            log.info("wal_shipper_stopped")
+            await asyncio.wait_for(shipper.stop(timeout=budget - 0.5), budget)  # (it logs the stop)
         except TimeoutError:
             log.error("wal_shipper_stop_timeout", budget_s=round(budget, 1))
         except Exception as exc:
