@@ -301,7 +301,7 @@ def _gap(gen: GenerationInfo, expected: int, found: int, after: datetime) -> Wal
     )
     return WalError(
         f"WAL generation {gen.id} has a gap: {missing} missing (history after "
-        f"{format_ts(after)} cannot be replayed)",
+        f"{_rfc3339(after)} cannot be replayed)",
         "restore to an earlier time, or from a backup; run `tinyserve-backup verify --all`",
     )
 
@@ -328,8 +328,9 @@ async def restore_point_in_time(
     base = choose_base(catalog, target)
     if base is None:
         snaps = [s.taken_at for g in catalog for s in g.snapshots]
-        when = "" if target is None else f" at or before {format_ts(target)}"
-        earliest = f"; the earliest is {format_ts(min(snaps))}" if snaps else ""
+        # (RFC 3339, as `--at` takes it, not the compact form of the bucket's keys)
+        when = "" if target is None else f" at or before {_rfc3339(target)}"
+        earliest = f"; the earliest is {_rfc3339(min(snaps))}" if snaps else ""
         raise BackupNotFoundError(
             f"no WAL snapshot{when} in {storage.url}{earliest}",
             "pick a later time, or restore a backup with `restore TS`",

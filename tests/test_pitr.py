@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -226,8 +227,10 @@ async def test_target_before_any_snapshot(db: Path, tmp_path: Path, local_storag
     assert window is not None
     earliest, latest = window
     assert earliest <= latest
-    with pytest.raises(BackupNotFoundError, match="the earliest is"):
+    with pytest.raises(BackupNotFoundError, match="the earliest is") as ei:
         await restore_point_in_time(local_storage, earliest - timedelta(seconds=1), tmp_path / "x.db")
+    # times in messages are written the way --at takes them (RFC 3339), not the bucket's key form
+    assert re.search(r"at or before \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z in ", ei.value.message)
 
 
 async def test_encryption_hooks(db: Path, tmp_path: Path, local_storage: LocalStorage) -> None:
