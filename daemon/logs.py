@@ -66,6 +66,13 @@ _SHARED: list[Any] = [
 ]
 
 
+def _add_pid(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Which process wrote the line: daemons of several roots, and one-shot commands, share the
+    log file."""
+    event_dict.setdefault("pid", os.getpid())
+    return event_dict
+
+
 def _exc_to_dict() -> Any:
     return structlog.processors.ExceptionRenderer(
         structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
@@ -109,6 +116,7 @@ def setup_logging(
                     foreign_pre_chain=_SHARED,
                     processors=[
                         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        _add_pid,
                         _exc_to_dict(),
                         structlog.processors.JSONRenderer(default=str),
                     ],

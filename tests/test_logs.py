@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import structlog
@@ -37,7 +38,7 @@ def test_json_lines_redaction_and_no_locals(tmp_path: Path) -> None:
     assert [r["event"] for r in recs] == ["storage_configured", "request_failed", "job_failed"]
     assert recs[0]["secret_access_key"] == "[redacted]" and recs[0]["bucket"] == "b"
     assert "[redacted]" in str(recs[1]["detail"])
-    assert all("timestamp" in r and "level" in r for r in recs)
+    assert all("timestamp" in r and "level" in r and r["pid"] == os.getpid() for r in recs)
     exc = recs[2]["exception"]
     assert "ValueError" in json.dumps(exc) and "local_secret" not in json.dumps(exc)
     assert oct(log_file.stat().st_mode & 0o777) == "0o600"
