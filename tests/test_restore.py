@@ -43,26 +43,13 @@ from daemon.verify import verify_backup
 from tests.conftest import run_cli, wait_for
 from tests.helpers.rootfactory import RootInfo, db_dump, make_root, read_calls, tree_digest
 from tests.helpers.s3server import REPO, MotoServer
-
-DB = ["state.db", "state.db-wal", "state.db-shm"]
+from tests.helpers.tinyserved import DB_FILES as DB
+from tests.helpers.tinyserved import cfg_for, ctl_calls, tinyserve_root
 
 
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RootInfo:
-    monkeypatch.setenv("FAKE_TINYSERVED_STATE", str(tmp_path / "tinyserved.state"))
-    return make_root(tmp_path / "tinyserve", size="tiny", seed=11)
-
-
-def cfg_for(root: Path, extra: str = "") -> Config:
-    return parse_config(
-        f"root: {root}\ncompression:\n  threads: 0\n"
-        "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
-        "  status: [tinyserve, status]\n" + extra
-    )
-
-
-def ctl_calls() -> list[list[str]]:
-    return [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserved-ctl")]
+    return tinyserve_root(tmp_path, monkeypatch, seed=11)
 
 
 async def release(fifo: Path, within: float = 20) -> None:
@@ -1197,17 +1184,13 @@ def test_sigterm_after_docker_has_the_archive_finishes_the_restore_then_exits(
     ]
 
 
-@pytest.mark.parametrize("interrupted", [False, True])
-async def test_point_in_time_restore_in_place_via_cli(
-    interrupted: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`restore --latest --yes`: state.db replaced by the shipped one, the old kept, tinyserved
-    stopped and started; a SIGTERM while it starts lets it finish and says so."""
+async def shipped_root(tmp_path: Path, commits: int) -> tuple[Path, Path, Path]:
+    """(root, destination, state.db): ``commits`` commits shipped by a real WAL shipper to a local
+    destination, then the shipper stopped."""
     from daemon.storage import LocalStorage
     from daemon.wal import WalShipper
-    from tests.helpers.writer import commit_rows, fast_options, init_db, logical_dump
+    from tests.helpers.writer import commit_rows, fast_options, init_db
 
-    monkeypatch.setenv("FAKE_TINYSERVED_STATE", str(tmp_path / "tinyserved.state"))
     root, dest = tmp_path / "root", tmp_path / "dest"
     root.mkdir()
     dest.mkdir()
@@ -1215,9 +1198,22 @@ async def test_point_in_time_restore_in_place_via_cli(
     init_db(db)
     shipper = WalShipper(db, LocalStorage(dest), tmp_path / "spool", fast_options())
     await shipper.start()
-    await asyncio.to_thread(commit_rows, db, 0, 20, 100)
+    await asyncio.to_thread(commit_rows, db, 0, commits, 100)
     assert await shipper.flush(10)
     await shipper.stop()
+    return root, dest, db
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+async def test_point_in_time_restore_in_place_via_cli(
+    interrupted: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`restore --latest --yes`: state.db replaced by the shipped one, the old kept, tinyserved
+    stopped and started; a SIGTERM while it starts lets it finish and says so."""
+    from tests.helpers.writer import commit_rows, logical_dump
+
+    monkeypatch.setenv("FAKE_TINYSERVED_STATE", str(tmp_path / "tinyserved.state"))
+    root, dest, db = await shipped_root(tmp_path, 20)
     shipped = logical_dump(db)
     await asyncio.to_thread(commit_rows, db, 20, 5, 100)  # the live database moves on, unshipped
     live = logical_dump(db)
@@ -1282,20 +1278,9 @@ async def test_point_in_time_restore_in_place_via_cli(
 async def test_point_in_time_restore_to_a_file_never_overwrites_unasked(tmp_path: Path) -> None:
     """`--output` replaces an existing file only with --yes, never writes the live state.db (that
     would skip stopping tinyserved), and says when the asked-for time is past the newest commit."""
-    from daemon.storage import LocalStorage
-    from daemon.wal import WalShipper
-    from tests.helpers.writer import commit_rows, fast_options, init_db, logical_dump
+    from tests.helpers.writer import logical_dump
 
-    root, dest = tmp_path / "root", tmp_path / "dest"
-    root.mkdir()
-    dest.mkdir()
-    db = root / "state.db"
-    init_db(db)
-    shipper = WalShipper(db, LocalStorage(dest), tmp_path / "spool", fast_options())
-    await shipper.start()
-    await asyncio.to_thread(commit_rows, db, 0, 10, 100)
-    assert await shipper.flush(10)
-    await shipper.stop()
+    root, dest, db = await shipped_root(tmp_path, 10)
     cfgp = tmp_path / "cfg.yaml"
     cfgp.write_text(f"root: {root}\ndestination:\n  url: file://{dest}\n")
 

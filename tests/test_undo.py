@@ -27,27 +27,14 @@ from daemon.restore_record import (
 from daemon.storage import S3Storage
 from daemon.undo import plan_undo, undo_restore, undoing_record
 from tests.conftest import run_cli
-from tests.helpers.rootfactory import RootInfo, db_dump, make_root, read_calls, tree_digest
+from tests.helpers.rootfactory import RootInfo, db_dump, tree_digest
 from tests.helpers.s3server import MotoServer
-
-DB_FILES = ["state.db", "state.db-wal", "state.db-shm"]
+from tests.helpers.tinyserved import DB_FILES, cfg_for, ctl_calls, tinyserve_root
 
 
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RootInfo:
-    monkeypatch.setenv("FAKE_TINYSERVED_STATE", str(tmp_path / "tinyserved.state"))
-    return make_root(tmp_path / "tinyserve", size="tiny", seed=5)
-
-
-def cfg_for(root: Path) -> Config:
-    return parse_config(
-        f"root: {root}\ncompression:\n  threads: 0\n"
-        "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
-    )
-
-
-def ctl_calls() -> list[list[str]]:
-    return [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserved-ctl")]
+    return tinyserve_root(tmp_path, monkeypatch, seed=5)
 
 
 def state(root: Path) -> tuple[dict[str, object], list[str]]:
