@@ -601,7 +601,7 @@ def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
     """Delete what earlier restores kept aside; asks first (on a terminal) or needs --yes."""
     from .lock import root_lock
     from .restore import remove_leftovers, restore_leftovers, tree_bytes
-    from .restore_record import check_not_interrupted, put_back_record
+    from .restore_record import check_not_interrupted, put_back_record, read_record
 
     interactive = can_ask()
 
@@ -627,10 +627,14 @@ def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
                     from .errors import RestoreError
 
                     raise RestoreError("clean-up cancelled; nothing was deleted", "")
+            last = await asyncio.to_thread(read_record, cfg.root)
             await asyncio.to_thread(remove_leftovers, found)
-            if found:
+            if last is not None and {cfg.root / k for i in last.items for k in i.get("kept", [])} & set(
+                found
+            ):
                 # what the last restore kept is gone, so there is nothing left to undo
                 await asyncio.to_thread(put_back_record, cfg.root, None)
+            if found:
                 log.info("restore_leftovers_removed", items=names, size_bytes=sum(sizes))
             return {"root": str(cfg.root), "removed": names, "size_bytes": sum(sizes)}
 

@@ -682,7 +682,7 @@ class RestoreJob:
 # never takes a user's file, or the staging of another root whose name merely starts alike.
 _HEX8 = "[0-9a-f]{8}"
 _ROOT_LEFTOVER = re.compile(
-    rf"\.restore-(trash|undone)-{_HEX8}|\.state\.db\.pitr-\d+|\.\.state\.db\.pitr-\d+\.pitr-{_HEX8}(\.download|\.age)?"
+    rf"\.restore-(trash|undone)-{_HEX8}|\.state\.db\.pitr-\d+(-wal|-shm|-journal)?|\.\.state\.db\.pitr-\d+\.pitr-{_HEX8}(\.download|\.age)?"
 )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,16 +100,14 @@ class _Disk:
 
 
 def _rebaser(rec: RestoreRecord, root: Path) -> Callable[[str], Path]:
-    """The record's paths moved onto ``root`` as spelled now (the record is found by the resolved
-    root; a symlink and its target are the same root)."""
+    """The record's paths in the root moved onto ``root`` as spelled now (the record is found by
+    the resolved root; a symlink and its target are the same root). Paths outside it, such as the
+    staging directory beside the spelling the restore used, are still valid as recorded."""
     old = Path(rec.root) if rec.root else root
 
     def rebase(s: str) -> Path:
         p = Path(s)
-        for base, new in ((old, root), (old.parent, root.parent)):
-            if p.is_relative_to(base):
-                return new / p.relative_to(base)
-        return p
+        return root / p.relative_to(old) if p.is_relative_to(old) else p
 
     return rebase
 
@@ -141,8 +140,8 @@ def _after(moves: list[Move], k: int, hidden: frozenset[Path], optional: set[Pat
         back.move(dst, src)
     ahead = _Disk(hidden)
     for src, dst in moves[k:]:
-        if src in optional and not ahead.exists(src):
-            continue
+        if src in optional and not ahead.exists(src) and not ahead.exists(dst):
+            continue  # a staged item not moved in yet, its staging removed since
         if not ahead.exists(src) or ahead.exists(dst):
             return False
         ahead.move(src, dst)
@@ -329,37 +328,41 @@ async def undo_restore(
     if first.moves or rec.interrupted:
         await swap_with_tinyserved_stopped(swap, ts, apply, _where_db_goes(root, first.moves), "undo")
     plan = final[0] if final else first
-    # Done: this record has nothing left to undo. A rolled-back restore leaves the one before
-    # it in force again (its *.pre-restore items were put back with everything else).
-    after = rec.previous if rec.state == SWAPPING else None
-    _, late = await through_cancel(asyncio.to_thread(put_back_record, root, after))
-    undone = plan.undone_dir
-    kept = undone is not None and await asyncio.to_thread(os.path.lexists, undone)
-    staging = None
-    if rec.state == SWAPPING:
-        # where the restored items went back to: the staging directory beside the root (or, for
-        # a point-in-time restore, its staged file in the root), for --clean-up to take
-        tops = {
-            root.parent / p.relative_to(root.parent).parts[0] if not p.is_relative_to(root) else p
-            for p in _staged(rec, root)
-            if p.is_relative_to(root.parent)
-        }
-        staging = str(sorted(tops)[0]) if tops else None
+    restart = bool(first.moves) or rec.interrupted
     result = UndoResult(
         undid=rec.backup,
         state=rec.state,
         renames=len(plan.moves),
         put_back=plan.put_back,
-        undone_dir=str(undone.relative_to(root)) if undone is not None and kept else None,
+        undone_dir=None,
         images_left_loaded=rec.images,
         warnings=[],
-        staging=staging,
     )
-    if done is not None:
-        done(result)
     cancelled = False
-    if first.moves or rec.interrupted:
-        cancelled = await start_on_new_state(swap, ts)
+    try:
+        # Done: this record has nothing left to undo. A rolled-back restore leaves the one before
+        # it in force again (its *.pre-restore items were put back with everything else).
+        after = rec.previous if rec.state == SWAPPING else None
+        try:
+            _, cancelled = await through_cancel(asyncio.to_thread(put_back_record, root, after))
+        except (OSError, ValueError, TypeError) as exc:
+            # The renames stand; a stale record is reported by status and the next --undo.
+            log.warning("restore_record_not_updated", error=str(exc))
+            result.warnings.append(f"the restore record could not be updated ({exc}); see `status`")
+        undone = plan.undone_dir
+        if undone is not None and undone.is_relative_to(root):
+            kept, c = await through_cancel(asyncio.to_thread(os.path.lexists, undone))
+            cancelled = cancelled or c
+            result.undone_dir = str(undone.relative_to(root)) if kept else None
+        if rec.state == SWAPPING:
+            result.staging = _staging_of(rec, root)
+        if done is not None:
+            done(result)
+    finally:
+        # whatever happened since the renames, tinyserved runs again
+        if restart:
+            c = await start_on_new_state(swap, ts)
+            cancelled = cancelled or c
     if rec.state == SWAPPING:
         # the trash the cut-short restore made for an older restore's leftovers, emptied now
         moved = _moves(rec, root)
@@ -367,10 +370,23 @@ async def undo_restore(
             _, c = await through_cancel(asyncio.to_thread(remove_empty_dirs, d))
             cancelled = cancelled or c
     log.info("restore_undone", backup=rec.backup, state=rec.state, renames=len(plan.moves))
-    if cancelled or late:
+    if cancelled:
         raise asyncio.CancelledError
-    if first.moves or rec.interrupted:
+    if restart:
         ok, status = await ts.wait_ready()
         if not ok:
             result.warnings.append(f"tinyserve status reports a problem: {status[-200:]}")
     return result
+
+
+def _staging_of(rec: RestoreRecord, root: Path) -> str | None:
+    """Where a rolled-back restore's items went back to: its staging directory (beside the root
+    as the restore spelled it) or, for a point-in-time restore, its staged file in the root."""
+    tops = set()
+    for p in _staged(rec, root):
+        top = next((d for d in p.parents if _STAGING.fullmatch(d.name)), p)
+        tops.add(top)
+    return str(sorted(tops)[0]) if tops else None
+
+
+_STAGING = re.compile(r"\..+\.restore-[0-9a-f]{8}")

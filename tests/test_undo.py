@@ -146,25 +146,9 @@ async def test_a_restore_cut_short_mid_swap_is_rolled_back_by_undo(
     previous = RestoreRecord(DONE, "full/2026-01-01T00-00-00Z", "2026-01-01T00:00:00Z")
     write_record(root.path, previous)
     staging = tmp_path / ".tinyserve.restore-0badcafe"
-    items = _staged(root.path, staging)
     before = state(root.path)
-    staged_before = tree_digest(staging)
-
-    # What Swap.apply does, stopped after `made` renames
-    swap = Swap(root.path, "partial/2026-11-26T10-00-00Z")
-    moves = swap.plan(items)
+    staged_before, moves = _crash_mid_swap(root.path, staging, made)
     assert len(moves) == 7  # db, -wal, -shm aside; db in; old .pre-restore to trash; generated out, in
-    record = RestoreRecord(
-        SWAPPING,
-        swap.backup,
-        swap.at,
-        moves=[[str(a), str(b)] for a, b in moves],
-        previous=previous.to_dict(),
-    )
-    write_record(root.path, record)
-    for src, dst in moves[: len(moves) if made < 0 else made]:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(src, dst)
 
     # status says so; a new restore and a clean-up refuse to touch it
     st = run_cli("--config", _write(cfg, tmp_path), "status")
@@ -180,6 +164,7 @@ async def test_a_restore_cut_short_mid_swap_is_rolled_back_by_undo(
     assert out.state == SWAPPING and out.renames == (len(moves) if made < 0 else made)
     assert state(root.path) == before
     assert tree_digest(staging) == staged_before
+    assert out.staging == str(staging)
     again = read_record(root.path)
     assert again is not None and again.to_dict() == previous.to_dict()  # the older one stands again
     # (with nothing to move back too: the cut-short restore had stopped it)
@@ -274,9 +259,16 @@ def test_undo_via_cli_asks_reports_and_cleans_up(
     assert not any(p.name.startswith(".restore-undone-") for p in root.path.iterdir())
 
 
-def _crash_mid_swap(root: Path, staging: Path, made: int) -> tuple[RestoreRecord, list[tuple[Path, Path]]]:
-    """What Swap.apply does, cut short after ``made`` renames (all of them when negative)."""
+def _crash_mid_swap(
+    root: Path, staging: Path, made: int, *, through: Path | None = None
+) -> tuple[dict[str, object], list[tuple[Path, Path]]]:
+    """What Swap.apply does, cut short after ``made`` renames (-1: all of them, -2: all but the
+    last), with
+    the root spelled ``through`` (a symlink) if given. Returns the staging tree as it was before
+    the swap, and the planned renames."""
     items = _staged(root, staging)
+    staged = tree_digest(staging)
+    root = through or root
     swap = Swap(root, "partial/2026-11-26T10-00-00Z")
     moves = swap.plan(items)
     before = read_record(root)
@@ -290,10 +282,10 @@ def _crash_mid_swap(root: Path, staging: Path, made: int) -> tuple[RestoreRecord
         staged=[str(i.staged) for i in items],
     )
     write_record(root, record)
-    for src, dst in moves[: len(moves) if made < 0 else made]:
+    for src, dst in moves[: len(moves) + made + 1 if made < 0 else made]:
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)
-    return record, moves
+    return staged, moves
 
 
 @pytest.mark.parametrize("old_wal", [True, False])
@@ -389,3 +381,61 @@ async def test_undo_through_another_spelling_of_the_root(
     tree, dump = state(root.path)
     assert dump == live[1]
     assert {k: v for k, v in tree.items() if not k.startswith(".restore-undone-")} == live[0]
+
+
+@pytest.mark.parametrize("made", [1, -2, -1])
+async def test_a_restore_cut_short_that_brought_new_items_is_rolled_back(
+    made: int, root: RootInfo, tmp_path: Path
+) -> None:
+    """Items the root did not have (a service deleted since the backup, a restore into an empty
+    root): their one rename reads the same whether it was made or not, unless the staging says so."""
+    cfg = cfg_for(root.path)
+    shutil.rmtree(root.path / "generated")  # restored, but new to this root
+    before = state(root.path)
+    staging = tmp_path / ".tinyserve.restore-0badcafe"
+    staged_before, _ = _crash_mid_swap(root.path, staging, made)
+    out = await undo_restore(cfg)
+    assert out.state == SWAPPING
+    assert state(root.path) == before
+    assert tree_digest(staging) == staged_before
+    assert ctl_calls() == [["stop"], ["start"]]
+
+
+async def test_a_restore_cut_short_through_a_symlink_elsewhere_is_rolled_back_through_the_root(
+    root: RootInfo, tmp_path: Path
+) -> None:
+    """Restored through ~/ts -> /data/tinyserve (its staging beside the link), undone through the
+    root's own path: the staging stays where the restore put it."""
+    home = tmp_path / "users" / "me"
+    home.mkdir(parents=True)
+    link = home / "ts"
+    link.symlink_to(root.path)
+    before = state(root.path)
+    staging = home / ".ts.restore-0badcafe"
+    staged_before, _ = _crash_mid_swap(root.path, staging, -1, through=link)
+    out = await undo_restore(cfg_for(root.path))
+    assert state(root.path) == before
+    assert tree_digest(staging) == staged_before
+    assert out.staging == str(staging)
+    assert not (tmp_path / ".tinyserve.restore-0badcafe").exists()
+
+
+async def test_tinyserved_runs_again_even_when_the_record_cannot_be_updated(
+    root: RootInfo, s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or any error) after the undo's renames must not leave tinyserved stopped."""
+    import daemon.undo as undo_mod
+
+    cfg = cfg_for(root.path)
+    res = await BackupJob(cfg, s3_storage).run("partial")
+    live = state(root.path)
+    await RestoreJob(cfg, s3_storage).run(res.timestamp)
+
+    def disk_full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(undo_mod, "put_back_record", disk_full)
+    out = await undo_restore(cfg)
+    assert state(root.path)[1] == live[1]
+    assert ctl_calls()[-2:] == [["stop"], ["start"]]
+    assert any("could not be updated" in w for w in out.warnings)
