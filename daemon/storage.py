@@ -702,7 +702,8 @@ class S3Storage(Storage):
                 if not getattr(err, "retryable", False) or attempt >= policy.attempts:
                     raise err from None
                 delay = policy.delay(attempt)
-                log.warning(
+                # the first retry of a request is news; the ones after it, during an outage, noise
+                (log.warning if attempt == 1 else log.debug)(
                     "storage_retry", op=what, attempt=attempt, error=err.message, delay_s=round(delay, 2)
                 )
                 await asyncio.sleep(delay)

@@ -1155,11 +1155,13 @@ class WalShipper:
         if entries:
             self._queue_changed.set()
 
-    def _record_error(self, err: BaseException, event: str) -> None:
+    def _record_error(self, err: BaseException, event: str, *, again: bool = False) -> None:
+        """``again``: the same failure repeating (an outage): kept for status, logged at debug, so
+        a long outage is one warning and one recovery line, not a warning every few seconds."""
         msg = err.message if isinstance(err, BackupError) else f"{type(err).__name__}: {err}"
         self._last_error = msg
         self._last_error_at = self.clock()
-        log.warning(event, error=msg)
+        (log.debug if again else log.warning)(event, error=msg)
 
     # ---- lifecycle ----
 
@@ -1582,9 +1584,11 @@ class WalShipper:
                 return
             except (StorageError, OSError) as e:
                 attempt += 1
-                self._record_error(e, "wal_upload_failed")
+                self._record_error(e, "wal_upload_failed", again=attempt > 1)
                 await asyncio.sleep(self._backoff(attempt))
                 continue
+            if attempt:
+                log.info("wal_upload_recovered", failed_attempts=attempt, spooled=len(self._queue))
             attempt = 0
             if self._queue and self._queue[0] is entry:
                 self._queue.popleft()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import zstandard
+from structlog.testing import capture_logs
 
 from daemon.errors import BackupNotFoundError, LeaseHeldError
 from daemon.pitr import restore_point_in_time
@@ -524,19 +525,24 @@ async def test_storage_outage_loses_nothing(
     try:
         await wait_for(lambda: log_lines(log) > 10, 10, "the writer")
         assert await shipper.flush(10)
-        fault_proxy.cut()
-        cut_at = time.monotonic()
-        await wait_for(lambda: shipper.status()["spool_bytes"] > 0, 5, "spooling")
-        await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - cut_at)))
-        st = shipper.status()
-        assert st["spool_objects"] > 0 and st["last_error"] and st["lag_seconds"] > 0
-        fault_proxy.heal()
-        await asyncio.to_thread(writer.wait, 30)
-        assert await shipper.flush(20)
+        with capture_logs() as logs:
+            fault_proxy.cut()
+            cut_at = time.monotonic()
+            await wait_for(lambda: shipper.status()["spool_bytes"] > 0, 5, "spooling")
+            await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - cut_at)))
+            st = shipper.status()
+            assert st["spool_objects"] > 0 and st["last_error"] and st["lag_seconds"] > 0
+            fault_proxy.heal()
+            await asyncio.to_thread(writer.wait, 30)
+            assert await shipper.flush(20)
         assert shipper.status()["generation"] == gen
     finally:
         writer.kill()
         await shipper.stop()
+    # The outage reads as one warning and one recovery in the log, not one every few seconds.
+    warned = [e for e in logs if e["log_level"] == "warning" and e["event"] == "wal_upload_failed"]
+    assert len(warned) == 1
+    assert [e["event"] for e in logs].count("wal_upload_recovered") == 1
     assert await restore_latest(proxied_storage, tmp_path / "out.db") == logical_dump(replay(read_log(log)))
 
 
