@@ -538,8 +538,14 @@ def install_agent(kind: str | None, config_path: Path, program: Path) -> Install
                 target.unlink(missing_ok=True)
             else:
                 write_atomic(target, previous, mode=0o644)
-        if warnings:
-            raise AgentError(f"{exc.message} (also: {'; '.join(warnings)})", exc.fix) from None
+        if chosen == "systemd":
+            with contextlib.suppress(OSError, AgentError):
+                _systemctl_user(tool, "daemon-reload")  # so systemd sees the file as it is again
+        notes = [*warnings]
+        if previous is not None:
+            notes.append("the previous agent file is back in place but the agent may be stopped")
+        if notes:
+            raise AgentError(f"{exc.message} (also: {'; '.join(notes)})", exc.fix) from None
         raise
     log.info(
         "agent_installed",
@@ -564,7 +570,7 @@ def install_agent(kind: str | None, config_path: Path, program: Path) -> Install
 def _env_root_warning(config_path: Path) -> list[str]:
     """TINYSERVE_ROOT set here is not seen by the agent (launchd and systemd start it with PATH
     only): the root must be in the config, or the daemon watches the default one."""
-    from .config import ENV_ROOT
+    from .config import ENV_ROOT, expand
 
     env_root = os.environ.get(ENV_ROOT)
     if not env_root:
@@ -574,7 +580,7 @@ def _env_root_warning(config_path: Path) -> list[str]:
     except (OSError, yaml.YAMLError):
         raw = {}
     in_file = raw.get("root") if isinstance(raw, dict) else None
-    if in_file and Path(str(in_file)).expanduser() == Path(env_root).expanduser():
+    if in_file and Path(expand(str(in_file))) == Path(expand(env_root)):
         return []
     return [
         f"{ENV_ROOT}={env_root} is set here, but the agent does not inherit it and will protect "

@@ -231,10 +231,18 @@ def config_cmd(
         where = store_secret(access_key, secret_key)
         click.echo(f"Credentials stored in {where}.")
     click.echo(f"Config written to {path}.")
-    if local is not None and not local.exists() and local.parent.is_dir():
+    if local is not None and not local.exists() and local.parent.is_dir() and not _mount_point_dir(local):
         # Named just now, so made now; a missing parent is more likely a disk not mounted, which
         # the access check below then reports.
-        local.mkdir(mode=0o700)
+        try:
+            local.mkdir(mode=0o700)
+        except OSError as exc:
+            from .errors import StorageError
+
+            raise StorageError(
+                f"cannot create {local}: {exc.strerror or exc} (the config was saved all the same)",
+                "create the folder yourself, or choose another with `config --local DIR`",
+            ) from None
         click.echo(f"Created {local}.")
     if not no_check:
         try:
@@ -245,6 +253,18 @@ def config_cmd(
             saved = "the config and the key were saved" if access_key else "the config was saved"
             raise type(exc)(f"{exc.message} ({saved} all the same)", exc.fix) from None
         click.echo(f"Destination {cfg.destination.resolved_url} is reachable.")
+
+
+def _mount_point_dir(p: Path) -> bool:
+    """``p`` would be a disk's own mount point (/Volumes/X, /media/X, /media/USER/X, /mnt/X,
+    /run/media/USER/X): missing, its disk is not mounted, and making it would write backups to the
+    system disk instead."""
+    parts = p.parts
+    return (
+        (len(parts) == 3 and parts[1] in ("Volumes", "media", "mnt"))
+        or (len(parts) == 4 and parts[1] == "media")
+        or (len(parts) == 5 and parts[1:3] == ("run", "media"))
+    )
 
 
 def _existing_prefix(path: Path) -> str | None:
@@ -779,12 +799,16 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
 
 def _check_pitr_output(out: Path, root: Path, *, yes: bool, interactive: bool) -> None:
     """`--output` writes a plain file: never the live database, and a file there only if asked."""
-    live = root / "state.db"
-    if out.resolve() == live.resolve():
-        raise UsageError(
-            f"--output {out} is the live state.db",
-            "leave --output out to restore in place (that stops tinyserved and keeps the old one)",
-        )
+    for name in ("state.db", "state.db-wal", "state.db-shm", "state.db-journal"):
+        live = root / name
+        same = out.resolve() == live.resolve()
+        if not same and out.exists() and live.exists():
+            same = os.path.samefile(out, live)  # a hard link
+        if same:
+            raise UsageError(
+                f"--output {out} is the live {name}",
+                "leave --output out to restore in place (that stops tinyserved and keeps the old one)",
+            )
     if not out.exists():
         return
     if out.is_dir():

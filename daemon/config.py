@@ -417,6 +417,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: the mapping it merges in is not a key given twice
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.get(key)

@@ -295,7 +295,7 @@ async def find_backup(storage: Storage, ts: str, btype: str | None = None) -> Ba
             kinds = " or ".join(f"a {r.type}" for r in found)
             raise BackupNotFoundError(
                 f"no {btype} backup with timestamp {ts}: that is {kinds} backup",
-                f"pass --{found[0].type}, or leave the type out",
+                f"ask for the {found[0].type} backup, or leave the type out",
             )
     if not refs:
         what = f"{btype} backup" if btype else "complete backup"

@@ -42,6 +42,7 @@ from typing import Any
 
 import structlog
 
+from . import paths
 from .alerts import Alerter
 from .config import Config, iter_secret_values, load_config
 from .errors import BackupError, LockError
@@ -150,6 +151,7 @@ class ShipperAdapter:
         self._retry_at = 0.0
         self._last_raw: dict[str, Any] = {}
         self._lock = asyncio.Lock()  # start, stop and restart never interleave
+        self._dropped_before = 0  # spool drops of shippers since replaced (each counts from 0)
 
     @staticmethod
     def settings_key(cfg: Config) -> Any:
@@ -228,6 +230,8 @@ class ShipperAdapter:
         if shipper is None:
             return
         self.status()  # keep the last figures (generation, spool) for the final status
+        self._dropped_before += int((self._last_raw or {}).get("spool_dropped") or 0)
+        self._last_raw = {k: v for k, v in (self._last_raw or {}).items() if k != "spool_dropped"}
         self._shipper = self._storage = None
         budget = max(budget, 1.0)
         try:
@@ -270,6 +274,8 @@ class ShipperAdapter:
             out.update({k: v for k, v in raw.items() if k != "state"})
             # the shipper's own mode: shipping | snapshot_only | …
             out["mode"] = raw.get("state")
+        # over every shipper this daemon ran, so a restart never hides a drop from check_wal_history
+        out["spool_dropped"] = int((raw or {}).get("spool_dropped") or 0) + self._dropped_before
         return out
 
 
@@ -656,8 +662,6 @@ class Daemon:
         """Alert when the shipper had to drop its spool: point-in-time restore then has a gap
         (until the fresh snapshot it starts from), which a person must hear about."""
         dropped = int(self.shipper.status().get("spool_dropped") or 0)
-        if dropped < self._wal_dropped_seen:
-            self._wal_dropped_seen = dropped  # a restarted shipper counts from zero again
         if dropped <= self._wal_dropped_seen:
             return
         self._wal_dropped_seen = dropped
@@ -749,7 +753,8 @@ class Daemon:
                     self.last_error = None
                     self._dirty.set()
                 return True
-            if "root" in changed and self.daemon_lock is not None:
+            same_root = paths.root_key(new.root) == paths.root_key(old.root)  # (another spelling)
+            if "root" in changed and self.daemon_lock is not None and not same_root:
                 from .lock import acquire_daemon_lock, release_daemon_lock
 
                 try:  # the new root must not have a daemon of its own either
@@ -809,7 +814,8 @@ class Daemon:
                 job["running_since"] = _iso(self.current[2])
             if name in self.lock_deferred:
                 job["deferred"] = "waiting for the root lock; retried at the next check"
-            again = retry_at(rec) if spec and not self.stopping else None
+            # (without catch-up a failed fire is not retried: the next cron time is the next try)
+            again = retry_at(rec) if spec and not self.stopping and self.cfg.schedule.catch_up else None
             if again is not None:
                 job["retry_at"] = _iso(max(again, now))
             jobs[name] = job

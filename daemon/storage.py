@@ -42,7 +42,7 @@ from .errors import (
     TransientStorageError,
     UnsupportedRequestError,
 )
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, make_private_dirs
 from .streams import HashingStream, MiB, file_chunks
 
 log = structlog.get_logger(__name__)
@@ -241,7 +241,7 @@ class LocalStorage(Storage):
 
     def _check_root(self) -> None:
         if self.create and not self.root.is_dir():
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dirs(self.root)
         if self.root.exists() and not self.root.is_dir():
             raise BucketNotFoundError(
                 f"destination {self.root} is a file, not a directory",

@@ -63,6 +63,8 @@ async def _check_object(
         stream: Any = hs
         if e.encryption:
             if decryptor is None:
+                if deep_dir is not None:  # --deep promises a restore: without the key there is none
+                    return ObjectCheck(e.name, False, "encrypted and no identity configured", True, True)
                 # The manifest's size and sha256 are of the object as stored, sealed: those can be
                 # checked without the key, which is best kept off this machine (README).
                 return await _check_sealed(hs, e)

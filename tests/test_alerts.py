@@ -309,9 +309,29 @@ async def test_a_gap_in_the_wal_history_is_alerted(tmp_path: Path, server: Recor
         d.check_wal_history()
         d.check_wal_history()  # once per drop, not at every wake-up
         await d.alerter.drain()
+        assert sorted(server.paths()) == ["/hc/fail", "/hook"]
+
+        # A restarted shipper counts from zero: its first drop is still news.
+        await d.shipper.reconfigure(
+            d.cfg.model_copy(update={"wal": d.cfg.wal.model_copy(update={"debounce_ms": 7})})
+        )
+        assert d.shipper.status()["state"] == "running"
+        d.check_wal_history()
+        await d.alerter.drain()
+        assert len(server.requests) == 2  # nothing new yet
+        c = sqlite3.connect(d.cfg.root / "state.db")
+        c.execute("insert into big values (?)", (os.urandom(3 * 1024 * 1024),))
+        c.commit()
+        c.close()
+        deadline = asyncio.get_running_loop().time() + 30
+        while d.shipper.status().get("spool_dropped", 0) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the second drop never came"
+            await asyncio.sleep(0.05)
+        d.check_wal_history()
+        await d.alerter.drain()
     finally:
         await d.shipper.stop(5)
-    assert sorted(server.paths()) == ["/hc/fail", "/hook"]
+    assert sorted(server.paths()) == ["/hc/fail", "/hc/fail", "/hook", "/hook"]
     hook = json.loads(next(r for r in server.requests if r["path"] == "/hook")["body"])
     assert hook["event"] == "failure" and "point-in-time restore has a gap" in hook["error"]
     assert d.last_error is not None and d.last_error["kind"] == "wal"

@@ -108,6 +108,13 @@ def test_a_block_given_twice_is_refused_not_half_dropped() -> None:
         parse_config("retention:\n  full: {keep_last: 2}\n  full: {keep_last: 3}\n")
 
 
+def test_yaml_merge_keys_are_not_keys_given_twice() -> None:
+    cfg = parse_config(
+        "hooks:\n  blog: &h {pre: [echo, a], timeout_seconds: 30}\n  notes: {<<: *h, post: [echo, b]}\n"
+    )
+    assert cfg.hooks["notes"].pre == ["echo", "a"] and cfg.hooks["notes"].post == ["echo", "b"]
+
+
 def test_editing_a_config_with_a_block_given_twice_names_it(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("wal:\n  retention_hours: 48\nwal:\n  debounce_ms: 10\n")
@@ -343,3 +350,15 @@ def test_config_show_without_a_file_prints_the_defaults(tmp_path: Path) -> None:
     shown = json.loads(res.stdout)
     assert shown["destination"]["url"].startswith("file://") and shown["wal"]["enabled"] is True
     assert not (tmp_path / "none.yaml").exists()
+
+
+def test_config_local_never_makes_a_disk_mount_point_and_fails_clearly(tmp_path: Path) -> None:
+    from daemon.cli import _mount_point_dir
+
+    for p in ("/Volumes/Backup", "/media/Backup", "/media/me/Backup", "/mnt/nas", "/run/media/me/B"):
+        assert _mount_point_dir(Path(p)), p
+    for p in ("/Volumes/Backup/tinyserve", "/home/me/backups", "/srv/backups"):
+        assert not _mount_point_dir(Path(p)), p
+    res = run_cli("--config", str(tmp_path / "c.yaml"), "config", "--local", "/proc/tsb-nope")
+    _assert_one_line_error(res, "cannot create /proc/tsb-nope")
+    assert res.returncode == 3

@@ -161,6 +161,12 @@ async def test_full_backup_encrypts_every_object_and_restores_exactly(
     from daemon.verify import raise_if_damaged
 
     raise_if_damaged([no_key])
+    deep = await verify_backup(s3_storage, refs[0], deep=True)  # a restore test: needs the key
+    assert not deep.ok and all(o.key_problem for o in deep.objects)
+    from daemon.errors import EncryptionError
+
+    with pytest.raises(EncryptionError, match="could not be checked"):
+        raise_if_damaged([deep])
     assert (await verify_backup(s3_storage, refs[0], decryptor=decryptor_from_config(cfg))).ok
     sealed = next(e for e in refs[0].manifest.objects if e.name.startswith("configs"))
     blob = bytearray(await s3_storage.get_bytes(refs[0].key(sealed.name)))

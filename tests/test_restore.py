@@ -580,7 +580,7 @@ async def test_unknown_and_incomplete_backups(root: RootInfo, s3_storage: S3Stor
     res = await BackupJob(cfg, s3_storage).run("services")
     with pytest.raises(BackupNotFoundError, match="that is a services backup") as exc:
         await RestoreJob(cfg, s3_storage).run(res.timestamp, "full")
-    assert exc.value.fix == "pass --services, or leave the type out"
+    assert exc.value.fix == "ask for the services backup, or leave the type out"
 
 
 def _hostile_tar(member: tarfile.TarInfo, data: bytes = b"") -> bytes:
@@ -1304,7 +1304,14 @@ async def test_point_in_time_restore_to_a_file_never_overwrites_unasked(tmp_path
     before = db.read_bytes()
     res = restore("--latest", "--output", str(root / "." / "state.db"), "--yes")
     assert res.returncode == 2 and "is the live state.db" in res.stderr
+    (root / "state.db-wal").write_bytes(b"commits not yet in state.db")
+    res = restore("--latest", "--output", str(root / "state.db-wal"), "--yes")
+    assert res.returncode == 2 and "is the live state.db-wal" in res.stderr
+    os.link(db, tmp_path / "hard-link.db")
+    res = restore("--latest", "--output", str(tmp_path / "hard-link.db"), "--yes")
+    assert res.returncode == 2 and "is the live state.db" in res.stderr
     assert db.read_bytes() == before
+    assert (root / "state.db-wal").read_bytes() == b"commits not yet in state.db"
 
     res = restore("--at", "2099-01-01T00:00:00Z", "--output", str(tmp_path / "future.db"))
     assert res.returncode == 0, res.stderr

@@ -377,3 +377,26 @@ async def test_job_that_cannot_get_the_lock_is_retried_not_dropped(tmp_path: Pat
     await d._run_job(name, d.pending.pop(name), fire)
     assert d.records.job("partial")["last_success"]["trigger"] == "retry-lock"
     assert "partial" not in d.lock_deferred
+
+
+async def test_a_reload_that_only_respells_the_root_keeps_the_daemon_lock(tmp_path: Path) -> None:
+    """A root given through a symlink (or /var vs /private/var) is the same root: the daemon must
+    not take itself for another daemon and refuse the reload."""
+    from daemon.config import load_config
+    from daemon.lock import acquire_daemon_lock, release_daemon_lock
+    from daemon.runner import Daemon
+
+    root = make_root(tmp_path / "root", size="tiny").path
+    link = tmp_path / "link-to-root"
+    link.symlink_to(root)
+    cfg_path = tmp_path / "c.yaml"
+    body = f"destination: {{url: 'file://{tmp_path}'}}\nwal: {{enabled: false}}\n"
+    cfg_path.write_text(f"root: {root}\n" + body)
+    d = Daemon(cfg_path, load_config(cfg_path), wake_interval=1)
+    d.daemon_lock = acquire_daemon_lock(root)
+    try:
+        cfg_path.write_text(f"root: {link}\n" + body)
+        assert await d.reload("test") is True
+        assert d.cfg.root == link and d.last_error is None
+    finally:
+        release_daemon_lock(d.daemon_lock)
