@@ -375,8 +375,18 @@ def note_manual_backup(cfg: Any, result: Any, started: datetime | None = None) -
     """Record a successful manual ``create`` so the daemon does not catch up a run it no longer needs.
 
     ``result`` is a ``daemon.backup.BackupResult``.  Best effort: a failure here never fails the backup.
+    A backup to another destination than the daemon's (another config for the same root, a USB
+    disk) is not recorded: it does not stand in for the daemon's scheduled one.
     """
     try:
+        from .status import read_status, status_path
+
+        daemon_dest = (read_status(status_path(cfg.root)) or {}).get("destination")
+        if daemon_dest and daemon_dest != cfg.destination.resolved_url:
+            log.info(
+                "manual_backup_not_recorded", destination=cfg.destination.resolved_url, daemon=daemon_dest
+            )
+            return
         finished = datetime.now(UTC)
         record_success(
             JobRecords(records_path(cfg.root)),

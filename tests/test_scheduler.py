@@ -400,3 +400,32 @@ async def test_a_reload_that_only_respells_the_root_keeps_the_daemon_lock(tmp_pa
         assert d.cfg.root == link and d.last_error is None
     finally:
         release_daemon_lock(d.daemon_lock)
+
+
+def test_a_manual_backup_counts_for_the_schedule_only_to_the_daemons_destination(tmp_path: Path) -> None:
+    """`create` records its success so the daemon does not catch up a run it no longer needs; a
+    backup to another destination (a second config, a USB disk) must not stand in for it."""
+    import json
+
+    from daemon.status import status_path, write_status
+    from tests.conftest import run_cli
+
+    root = make_root(tmp_path / "root", size="tiny").path
+    usb, s3ish = tmp_path / "usb", tmp_path / "main-dest"
+    usb.mkdir()
+    s3ish.mkdir()
+    cfg = tmp_path / "usb.yaml"
+    cfg.write_text(f"root: {root}\ndestination: {{url: 'file://{usb}'}}\n")
+
+    def partial_success() -> object:
+        path = records_path(root)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        return ((data.get("jobs") or {}).get("partial") or {}).get("last_success")
+
+    write_status(status_path(root), {"state": "running", "destination": f"file://{s3ish}", "pid": 1})
+    assert run_cli("--config", str(cfg), "create", "--partial").returncode == 0
+    assert partial_success() is None  # the daemon ships elsewhere: its schedule still stands
+    write_status(status_path(root), {"state": "running", "destination": f"file://{usb}", "pid": 1})
+    assert run_cli("--config", str(cfg), "create", "--partial").returncode == 0
+    ok = partial_success()
+    assert isinstance(ok, dict) and ok["trigger"] == "manual"
