@@ -58,6 +58,19 @@ from .streams import HashingStream, decompress_stream, disk_error, write_stream
 log = structlog.get_logger(__name__)
 
 PRE = ".pre-restore"
+# The names this tool gives what a restore leaves in or beside the root, each with
+# secrets.token_hex(4): a clean-up takes exactly these, never a user's file or another root's.
+TRASH_PREFIX = ".restore-trash-"  # an older restore's *.pre-restore items, until this one stands
+UNDONE_PREFIX = ".restore-undone-"  # what an undone restore had put in place
+_HEX8 = "[0-9a-f]{8}"
+
+
+def staging_re(root_name: str | None = None) -> re.Pattern[str]:
+    """Staging directories beside a root named ``root_name`` (of any root when None)."""
+    name = re.escape(root_name) if root_name is not None else ".+"
+    return re.compile(rf"\.{name}\.restore-{_HEX8}")
+
+
 # Objects downloaded and unpacked at once (the images archive counts as one). Four, not two: on
 # 2 cores a 2 GB full restore took 5.70 s against 5.85 s (medians of 5) and varied less, since a
 # stream waiting on the network, on `docker load` or on the disk leaves its core to the others;
@@ -144,7 +157,7 @@ class Swap:
         self.at = now_rfc3339()
         self.journal: list[Move] = []
         # the previous restore's leftovers, deleted once this one has succeeded
-        self.trash = root / f".restore-trash-{secrets.token_hex(4)}"
+        self.trash = root / f"{TRASH_PREFIX}{secrets.token_hex(4)}"
         self.kept: list[dict[str, Any]] = []  # per item: its name and what was kept aside for it
         self._record_before: RestoreRecord | None = None
         self._recorded = False
@@ -182,10 +195,13 @@ class Swap:
             self.kept.append({"rel": item.rel, "kept": kept})
         return moves
 
-    def run(self, moves: list[Move], record: RestoreRecord | None) -> None:
-        """Make ``moves``, after writing ``record`` (the plan) to disk; then make them durable."""
+    def run(
+        self, moves: list[Move], record: RestoreRecord | None, before: RestoreRecord | None = None
+    ) -> None:
+        """Make ``moves``, after writing ``record`` (the plan) over ``before`` (the record on disk,
+        put back by a rollback); then make them durable."""
         if record is not None:
-            self._record_before = read_record(self.root)
+            self._record_before = before
             write_record(self.root, record)
             self._recorded = True
         for src, dst in moves:
@@ -208,7 +224,7 @@ class Swap:
             root=str(self.root),
             staged=[str(i.staged) for i in items],
         )
-        self.run(moves, record)
+        self.run(moves, record, before)
         return [k for item in self.kept for k in item["kept"]]
 
     def commit(self, images: list[str] | None = None) -> None:
@@ -680,9 +696,9 @@ class RestoreJob:
 
 # Exactly the names this tool gives what it leaves (secrets.token_hex(4), a pid), so a clean-up
 # never takes a user's file, or the staging of another root whose name merely starts alike.
-_HEX8 = "[0-9a-f]{8}"
 _ROOT_LEFTOVER = re.compile(
-    rf"\.restore-(trash|undone)-{_HEX8}|\.state\.db\.pitr-\d+(-wal|-shm|-journal)?|\.\.state\.db\.pitr-\d+\.pitr-{_HEX8}(\.download|\.age)?"
+    rf"({re.escape(TRASH_PREFIX)}|{re.escape(UNDONE_PREFIX)}){_HEX8}"
+    rf"|\.state\.db\.pitr-\d+(-wal|-shm|-journal)?|\.\.state\.db\.pitr-\d+\.pitr-{_HEX8}(\.download|\.age)?"
 )
 
 
@@ -698,7 +714,7 @@ def restore_leftovers(root: Path) -> list[Path]:
             for p in sorted(d.iterdir()):
                 if p.name.endswith(PRE) or (d == root and _ROOT_LEFTOVER.fullmatch(p.name)):
                     found.append(p)
-    staging = re.compile(rf"\.{re.escape(root.name)}\.restore-{_HEX8}")
+    staging = staging_re(root.name)
     if root.parent.is_dir():
         found += sorted(p for p in root.parent.iterdir() if staging.fullmatch(p.name))
     return found

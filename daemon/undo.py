@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,10 +32,13 @@ from .errors import RestoreError
 from .restore import (
     DB_SIDE_FILES,
     PRE,
+    TRASH_PREFIX,
+    UNDONE_PREFIX,
     Move,
     Swap,
     now_rfc3339,
     remove_empty_dirs,
+    staging_re,
     start_on_new_state,
     swap_with_tinyserved_stopped,
 )
@@ -52,8 +54,6 @@ from .restore_record import (
 from .service import Tinyserved
 
 log = structlog.get_logger(__name__)
-
-UNDONE_PREFIX = ".restore-undone-"
 
 
 @dataclass
@@ -206,7 +206,6 @@ def _remaining_moves(root: Path, rec: RestoreRecord) -> list[Move]:
 
 def _undo_moves(root: Path, rec: RestoreRecord, undone: Path) -> tuple[list[Move], list[str]]:
     """A finished restore: its items aside, what it kept back in their place."""
-    disk = _Disk()
     moves: list[Move] = []
     put_back: list[str] = []
     for item in rec.items:
@@ -215,21 +214,13 @@ def _undo_moves(root: Path, rec: RestoreRecord, undone: Path) -> tuple[list[Move
         if rel == "state.db":
             # the database now in place goes with its own -wal/-shm, never leaving them to the old one
             live += [root / n for n in DB_SIDE_FILES]
-        for p in live:
-            if disk.exists(p):
-                moves.append((p, undone / p.relative_to(root)))
-                disk.move(*moves[-1])
-        for k in item.get("kept", []):
-            src = root / str(k)
-            if not str(k).endswith(PRE) or not disk.exists(src):
-                raise _differs(root, f"{src} is missing")
-            dst = root / str(k)[: -len(PRE)]
-            if disk.exists(dst):
-                raise _differs(root, f"{dst} is in the way")
-            moves.append((src, dst))
-            disk.move(src, dst)
-            put_back.append(str(k)[: -len(PRE)])
-    return moves, put_back
+        moves += [(p, undone / p.relative_to(root)) for p in live if os.path.lexists(p)]
+        for k in map(str, item.get("kept", [])):
+            if not k.endswith(PRE):
+                raise _differs(root, f"{root / k} is missing")
+            moves.append((root / k, root / k[: -len(PRE)]))
+            put_back.append(k[: -len(PRE)])
+    return _checked(root, moves), put_back
 
 
 def plan_undo(root: Path, undone: Path | None = None) -> UndoPlan:
@@ -270,7 +261,7 @@ def undoing_record(plan: UndoPlan, root: Path) -> RestoreRecord | None:
 
 
 def _in_trash(root: Path, p: Path) -> bool:
-    return p.is_relative_to(root) and p.relative_to(root).parts[0].startswith(".restore-trash-")
+    return p.is_relative_to(root) and p.relative_to(root).parts[0].startswith(TRASH_PREFIX)
 
 
 def _where_db_goes(root: Path, moves: list[Move]) -> Path | None:
@@ -320,15 +311,15 @@ async def undo_restore(
         # the renames worked out while it ran would look for files that are gone.
         plan = plan_undo(root, first.undone_dir)
         final.append(plan)
-        swap.run(plan.moves, undoing_record(plan, root))
+        swap.run(plan.moves, undoing_record(plan, root), plan.record)
         return []
 
     # An interrupted restore or undo had stopped tinyserved: it is started again even when no
     # rename is left to make.
-    if first.moves or rec.interrupted:
+    restart = bool(first.moves) or rec.interrupted
+    if restart:
         await swap_with_tinyserved_stopped(swap, ts, apply, _where_db_goes(root, first.moves), "undo")
     plan = final[0] if final else first
-    restart = bool(first.moves) or rec.interrupted
     result = UndoResult(
         undid=rec.backup,
         state=rec.state,
@@ -382,11 +373,6 @@ async def undo_restore(
 def _staging_of(rec: RestoreRecord, root: Path) -> str | None:
     """Where a rolled-back restore's items went back to: its staging directory (beside the root
     as the restore spelled it) or, for a point-in-time restore, its staged file in the root."""
-    tops = set()
-    for p in _staged(rec, root):
-        top = next((d for d in p.parents if _STAGING.fullmatch(d.name)), p)
-        tops.add(top)
+    staging = staging_re()
+    tops = {next((d for d in p.parents if staging.fullmatch(d.name)), p) for p in _staged(rec, root)}
     return str(sorted(tops)[0]) if tops else None
-
-
-_STAGING = re.compile(r"\..+\.restore-[0-9a-f]{8}")
