@@ -649,9 +649,8 @@ def _restore_clean_up(cfg: Config, *, yes: bool, as_json: bool) -> None:
                     raise RestoreError("clean-up cancelled; nothing was deleted", "")
             last = await asyncio.to_thread(read_record, cfg.root)
             await asyncio.to_thread(remove_leftovers, found)
-            if last is not None and {cfg.root / k for i in last.items for k in i.get("kept", [])} & set(
-                found
-            ):
+            kept = {cfg.root / k for i in last.items for k in i.get("kept", [])} if last else set()
+            if kept & set(found):
                 # what the last restore kept is gone, so there is nothing left to undo
                 await asyncio.to_thread(put_back_record, cfg.root, None)
             if found:
@@ -799,7 +798,9 @@ def _restore_pitr(cfg: Config, *, at: str | None, output: str | None, yes: bool,
 
 def _check_pitr_output(out: Path, root: Path, *, yes: bool, interactive: bool) -> None:
     """`--output` writes a plain file: never the live database, and a file there only if asked."""
-    for name in ("state.db", "state.db-wal", "state.db-shm", "state.db-journal"):
+    from .restore import DB_SIDE_FILES
+
+    for name in ("state.db", *DB_SIDE_FILES):
         live = root / name
         same = out.resolve() == live.resolve()
         if not same and out.exists() and live.exists():

@@ -23,12 +23,14 @@ def lock_path(root: Path) -> Path:
     return paths.state_dir() / "locks" / f"{paths.root_key(root)}.lock"
 
 
-def _holder(path: Path) -> str:
+def _holder(path: Path, *, job: bool = True) -> str:
+    """Who holds the lock at ``path``, as its file says: "<job> (pid N, since T)"."""
     try:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         return "another process"
-    return f"{info.get('job', 'a job')} (pid {info.get('pid', '?')}, since {info.get('since', '?')})"
+    who = f"(pid {info.get('pid', '?')}, since {info.get('since', '?')})"
+    return f"{info.get('job', 'a job')} {who}" if job else who
 
 
 def _try_lock(path: Path, job: str) -> int | None:
@@ -74,8 +76,14 @@ async def root_lock(root: Path, job: str, *, wait: float = 900.0, poll: float = 
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+        _release(fd)
+
+
+def _release(fd: int) -> None:
+    """Empty the holder note, then let go (closing the descriptor drops the flock)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    with contextlib.suppress(OSError):
         os.close(fd)
 
 
@@ -91,14 +99,11 @@ def acquire_daemon_lock(root: Path) -> int:
     fd = _try_lock(path, "daemon")
     if fd is None:
         raise LockError(
-            f"another daemon already runs for {root}: {_holder(path).replace('daemon ', '', 1)}",
+            f"another daemon already runs for {root}: {_holder(path, job=False)}",
             "one daemon per root: use the running one (`tinyserve-backup status`), or stop it first",
         )
     return fd
 
 
 def release_daemon_lock(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.ftruncate(fd, 0)
-    with contextlib.suppress(OSError):
-        os.close(fd)
+    _release(fd)

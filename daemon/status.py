@@ -239,19 +239,8 @@ def status_command(cfg: Any, as_json: bool) -> tuple[str, int]:
         text = json.dumps(d, indent=2, default=str)
     else:
         text = render_human(d, now)
-        if last is not None and last["state"] in ("swapping", "undoing"):
-            what = "a restore" if last["state"] == "swapping" else "an undo of a restore"
-            text += (
-                f"\nINTERRUPTED: {what} of {last['backup']} stopped half-way ({last['at']}); "
-                "run `tinyserve-backup restore --undo` to put the root right"
-            )
-        elif last is not None and last["state"] == "unreadable":
-            text += f"\nrestore record unreadable: {last.get('error', '?')}"
-        elif last is not None and last["state"] == "done":
-            text += (
-                f"\nlast restore: {last['backup']} ({last['at']}); "
-                "`tinyserve-backup restore --undo` puts back what it replaced"
-            )
+        if last is not None:
+            text += "\n" + _render_last_restore(last)
         if kept is not None:
             text += (
                 f"\nkept by earlier restores: {kept['items']} item(s), {_size(kept['size_bytes'])}"
@@ -271,6 +260,22 @@ def _restore_leftovers(root: Path) -> dict[str, int] | None:
         return {"items": len(found), "size_bytes": sum(tree_bytes(p) for p in found)}
     except OSError:
         return None  # an unreadable root says nothing here; the other commands will
+
+
+def _render_last_restore(last: dict[str, str]) -> str:
+    state = last["state"]
+    if state in ("swapping", "undoing"):
+        what = "a restore" if state == "swapping" else "an undo of a restore"
+        return (
+            f"INTERRUPTED: {what} of {last['backup']} stopped half-way ({last['at']}); "
+            "run `tinyserve-backup restore --undo` to put the root right"
+        )
+    if state == "unreadable":
+        return f"restore record unreadable: {last.get('error', '?')}"
+    return (
+        f"last restore: {last['backup']} ({last['at']}); "
+        "`tinyserve-backup restore --undo` puts back what it replaced"
+    )
 
 
 def _last_restore(root: Path) -> dict[str, str] | None:

@@ -675,9 +675,7 @@ class S3Storage(Storage):
                             f"invalid storage endpoint {self.s.endpoint!r}",
                             "set `destination.endpoint` to a URL like https://s3.example.com",
                         ) from None
-                    raise translate_error(
-                        exc, "opening client", bucket=self.s.bucket, endpoint=self.s.endpoint
-                    ) from None
+                    raise self._translate(exc, "opening client") from None
                 self._stack = stack
         return self._client
 
@@ -685,6 +683,9 @@ class S3Storage(Storage):
         if self._stack is not None:
             stack, self._stack, self._client = self._stack, None, None
             await stack.aclose()
+
+    def _translate(self, exc: BaseException, where: str) -> StorageError | CredentialsError:
+        return translate_error(exc, where, bucket=self.s.bucket, endpoint=self.s.endpoint)
 
     async def _call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run one request with retries on transient failures."""
@@ -697,7 +698,7 @@ class S3Storage(Storage):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                err = translate_error(exc, what, bucket=self.s.bucket, endpoint=self.s.endpoint)
+                err = self._translate(exc, what)
                 attempt += 1
                 if not getattr(err, "retryable", False) or attempt >= policy.attempts:
                     raise err from None
@@ -769,7 +770,7 @@ class S3Storage(Storage):
             try:
                 resp = await c.head_object(Bucket=self.s.bucket, Key=self._full(key))
             except Exception as exc:
-                err = translate_error(exc, f"head {key}", bucket=self.s.bucket, endpoint=self.s.endpoint)
+                err = self._translate(exc, f"head {key}")
                 if isinstance(err, ObjectNotFoundError):
                     return None
                 raise
@@ -919,7 +920,7 @@ class S3Storage(Storage):
             except GeneratorExit:
                 raise
             except Exception as exc:
-                err = translate_error(exc, f"get {key}", bucket=self.s.bucket, endpoint=self.s.endpoint)
+                err = self._translate(exc, f"get {key}")
                 attempt += 1
                 if not getattr(err, "retryable", False) or attempt >= policy.attempts:
                     raise err from None

@@ -38,10 +38,12 @@ from daemon.restore import RestoreJob
 from daemon.storage import S3Storage
 from daemon.verify import verify_backup
 from tests.conftest import run_cli
-from tests.helpers.rootfactory import RootInfo, db_dump, make_root, read_calls, tree_digest
+from tests.helpers.rootfactory import RootInfo, db_dump, make_root, tree_digest
 from tests.helpers.s3server import MotoServer
+from tests.helpers.tinyserved import DB_FILES as DB
+from tests.helpers.tinyserved import cfg_for as tinyserved_cfg
+from tests.helpers.tinyserved import ctl_calls
 
-DB = ["state.db", "state.db-wal", "state.db-shm"]
 MiB = 1024 * 1024
 
 
@@ -68,15 +70,7 @@ def cfg_for(root: Path, recipient: str | None = None, identity: Path | None = No
             enc += f"  recipients: [{recipient}]\n"
         if identity:
             enc += f"  identity_file: {identity}\n"
-    return parse_config(
-        f"root: {root}\ncompression:\n  threads: 0\n"
-        "tinyserved:\n  stop: [tinyserved-ctl, stop]\n  start: [tinyserved-ctl, start]\n"
-        "  status: [tinyserve, status]\n" + enc
-    )
-
-
-def ctl_calls() -> list[list[str]]:
-    return [c["args"] for c in read_calls(os.environ["FAKE_CALLS_LOG"], "tinyserved-ctl")]
+    return tinyserved_cfg(root, enc)
 
 
 def snapshot(root: Path) -> tuple[dict[str, object], list[str]]:
